@@ -1,0 +1,1526 @@
+#!/usr/bin/env python3
+"""Offline Qwen2-Audio-7B-Instruct inference with vLLM (built for vllm-ascend NPUs).
+
+With no flags this does what the vllm-ascend "Single NPU (Qwen2-Audio 7B)"
+tutorial does: two demo clips, one prompt, the generated text on stdout.
+Everything else is flags:
+
+    python run_qwen2_audio.py --audio-count 2                   # the tutorial
+    python run_qwen2_audio.py --audio a.wav b.mp3 --question "Compare them."
+    python run_qwen2_audio.py --manifest jobs.jsonl --output results.jsonl --resume
+    python run_qwen2_audio.py --audio-dir calls/ --output out.jsonl --shard 0/8
+    python run_qwen2_audio.py --audio long.flac --dry-run       # budget + memory, no engine
+
+Every vLLM engine flag (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
+``--dtype`` ...) works under its usual name. The pipeline below reads top to
+bottom: environment defaults -> arguments -> inputs -> prompts -> engine ->
+results -> report.
+
+Exit codes: 0 all requests answered; 1 a batch finished but some requests
+failed (see their error records); 2 bad input or configuration (one line on
+stderr says which input and how to fix it); 130/143 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import fcntl
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Environment defaults
+# --------------------------------------------------------------------------
+
+# Set before vLLM/torch are imported (they read these once, at import time).
+# A value the user exported always wins.
+ENVIRONMENT_DEFAULTS = {
+    # The tutorial downloads from ModelScope: faster and reachable from China.
+    "VLLM_USE_MODELSCOPE": "True",
+    # vllm-ascend >= 0.14 sets this itself; it fixed memory growth with
+    # multimodal inputs. The tutorial's older alternative is
+    # PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256 (see README).
+    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
+    # vLLM logs to stdout by default; stdout is reserved for answers so that
+    # `python run_qwen2_audio.py > answer.txt` captures only the answer.
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+}
+
+
+def set_environment_defaults(env: dict[str, str] | None = None) -> None:
+    """Fill in ENVIRONMENT_DEFAULTS without overriding exported values."""
+    env = os.environ if env is None else env
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        env.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------
+# Constants of the model and of the tutorial
+# --------------------------------------------------------------------------
+
+DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+SAMPLE_RATE = 16_000  # Qwen2-Audio's Whisper front end; vLLM never resamples this.
+MEL_HOP = 160  # samples per mel frame
+MAX_CLIP_SECONDS = 30.0  # the processor pads/truncates to 3000 mel frames
+MAX_AUDIO_TOKENS_PER_CLIP = 750
+# Below 3 mel frames the encoder yields zero audio tokens and vLLM rejects
+# the request; 0.1 s (10 frames, 2 tokens) is a sane floor with margin.
+MIN_CLIP_SECONDS = 0.1
+
+DEMO_ASSETS = ("mary_had_lamb", "winning_call")
+TUTORIAL_QUESTIONS = {
+    1: "What is recited in the audio?",
+    2: "What sport and what nursery rhyme are referenced?",
+}
+DEFAULT_QUESTION = "What is said in the audio?"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Engine defaults from the tutorial: safe on one 64 GB NPU (and 32 GB, see README).
+ENGINE_DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "max_model_len": 4096,
+    "max_num_seqs": 5,
+    "enforce_eager": True,
+}
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
+SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|audio_bos|>",
+    "<|AUDIO|>",
+    "<|audio_eos|>",
+)
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class InputError(Exception):
+    """A problem with what the user gave us; the message names input and fix."""
+
+    def __init__(self, message: str, kind: str = "input_error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+
+
+def import_flexible_argument_parser() -> type:
+    # vLLM moved it: vllm.utils (<= 0.10) -> vllm.utils.argparse_utils (>= 0.11).
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
+    return FlexibleArgumentParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm import EngineArgs
+
+    parser = import_flexible_argument_parser()(
+        description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
+    )
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--audio-count",
+        type=int,
+        default=None,
+        help="number of vLLM demo clips (mary_had_lamb, winning_call) when no "
+        "--audio/--manifest/--audio-dir is given (default 2, as in the tutorial)",
+    )
+    inputs.add_argument(
+        "--audio",
+        nargs="+",
+        metavar="PATH_OR_URL",
+        help="your clips (wav/flac/ogg/mp3/... or http(s) URLs), all in ONE prompt",
+    )
+    inputs.add_argument(
+        "--manifest",
+        type=Path,
+        help="JSONL, one request per line: "
+        '{"id": ..., "audio": path|url|[...], "question"?: ..., "system_prompt"?: ...}',
+    )
+    inputs.add_argument(
+        "--audio-dir", type=Path, help="every audio file below DIR, one request each"
+    )
+    inputs.add_argument(
+        "--question",
+        help="the user question (default: the tutorial's for demo clips, "
+        f"otherwise {DEFAULT_QUESTION!r})",
+    )
+    inputs.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+    inputs.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="let question/system prompt contain chat control tokens such as "
+        "<|im_end|> (refused by default: they would corrupt the prompt)",
+    )
+    inputs.add_argument(
+        "--long-audio",
+        choices=("split", "truncate", "error"),
+        default="split",
+        help="clips longer than --segment-seconds: split into segments answered "
+        "one by one (default), truncate with a warning, or refuse",
+    )
+    inputs.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=MAX_CLIP_SECONDS,
+        help="longest segment when splitting (at most 30, the model's window)",
+    )
+    inputs.add_argument("--url-timeout", type=float, default=30.0, metavar="SECONDS")
+    inputs.add_argument(
+        "--max-audio-mb", type=float, default=512.0, help="largest download accepted"
+    )
+
+    batch = parser.add_argument_group("batch runs")
+    batch.add_argument(
+        "--chunk-size",
+        type=int,
+        default=64,
+        help="requests handed to the engine per generate call; the next chunk's "
+        "audio is decoded while this one runs",
+    )
+    batch.add_argument("--decode-workers", type=int, default=2)
+    batch.add_argument("--shard", default="0/1", metavar="I/N")
+    batch.add_argument("--resume", action="store_true", help="skip ids already in --output")
+    batch.add_argument(
+        "--retry-errors", action="store_true", help="with --resume: retry failed ids"
+    )
+    batch.add_argument("--report", type=Path, help="write the run summary as JSON")
+    batch.add_argument("--no-progress", action="store_true")
+
+    sampling = parser.add_argument_group("sampling (tutorial values by default)")
+    sampling.add_argument("--temperature", type=float, default=0.2)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=-1)
+    sampling.add_argument("--max-tokens", type=int, default=64)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="per-request seed (vLLM's --seed is the engine's)",
+    )
+    sampling.add_argument(
+        "--n", type=int, default=1, help="completions per request (answers in JSON)"
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--output-format",
+        choices=("text", "json", "jsonl"),
+        default=None,
+        help="default: from --output's suffix (.json/.jsonl), else text",
+    )
+    output.add_argument("--output", type=Path, help="write results here, not stdout")
+    output.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check inputs, print prompts, engine args, token budget and memory "
+        "estimate; no engine, no accelerator needed",
+    )
+    output.add_argument(
+        "--device-memory-gb",
+        type=float,
+        help="device memory for the --dry-run estimate when it cannot be queried",
+    )
+
+    EngineArgs.add_cli_args(parser)
+    # None = "follow the number of clips" (filled in by resolve_engine_kwargs).
+    parser.set_defaults(**ENGINE_DEFAULTS, limit_mm_per_prompt=None)
+    return parser
+
+
+@dataclasses.dataclass
+class Options:
+    """What the pipeline needs from the arguments, validated."""
+
+    question: str | None
+    system_prompt: str
+    allow_special_tokens: bool
+    long_audio: str
+    segment_seconds: float
+    url_timeout: float
+    max_audio_bytes: int
+    max_model_len: int
+    max_tokens: int
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    if not 1.0 <= args.segment_seconds <= MAX_CLIP_SECONDS:
+        raise InputError(
+            f"--segment-seconds {args.segment_seconds}: must be between 1 and "
+            f"{MAX_CLIP_SECONDS:g} (the model hears at most 30 s per clip)"
+        )
+    return Options(
+        question=args.question,
+        system_prompt=args.system_prompt,
+        allow_special_tokens=args.allow_special_tokens,
+        long_audio=args.long_audio,
+        segment_seconds=args.segment_seconds,
+        url_timeout=args.url_timeout,
+        max_audio_bytes=int(args.max_audio_mb * 1024 * 1024),
+        max_model_len=args.max_model_len,
+        max_tokens=args.max_tokens,
+    )
+
+
+# --------------------------------------------------------------------------
+# Inputs: requests
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AudioRequest:
+    """One prompt: one or more clips and a question about them."""
+
+    id: str
+    audio: list[str]
+    question: str | None = None
+    system_prompt: str | None = None
+    error: InputError | None = None  # a manifest line that could not be read
+
+
+MANIFEST_KEYS = {"id", "audio", "question", "system_prompt"}
+
+
+def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
+    """Parse one manifest line; raise InputError naming the line."""
+    where = f"manifest line {lineno}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg}); fix or remove it")
+    if not isinstance(item, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    unknown = sorted(set(item) - MANIFEST_KEYS)
+    if unknown:
+        raise InputError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(MANIFEST_KEYS))}"
+        )
+    request_id = item.get("id")
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        request_id = str(request_id)
+    if not isinstance(request_id, str) or not request_id.strip():
+        raise InputError(f'{where}: "id" must be a non-empty string')
+    audio = item.get("audio")
+    if isinstance(audio, str):
+        audio = [audio]
+    if not isinstance(audio, list) or not audio or not all(isinstance(a, str) and a for a in audio):
+        raise InputError(
+            f'{where} (id {request_id}): "audio" must be a path/URL or a non-empty list of them'
+        )
+    for key in ("question", "system_prompt"):
+        if key in item and not isinstance(item[key], str):
+            raise InputError(f'{where} (id {request_id}): "{key}" must be a string')
+    return AudioRequest(
+        id=request_id,
+        audio=[resolve_source(a, base_dir, where) for a in audio],
+        question=item.get("question"),
+        system_prompt=item.get("system_prompt"),
+    )
+
+
+def resolve_source(source: str, base_dir: Path, where: str) -> str:
+    """Relative paths are relative to the manifest; only http(s) URLs pass."""
+    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    if scheme in ("http", "https"):
+        return source
+    if scheme and len(scheme) > 1:  # "C:" style drive letters are not schemes
+        raise InputError(
+            f"{where}: audio {source!r}: scheme {scheme}:// is not supported; "
+            "use a local path or an http(s) URL"
+        )
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+def read_manifest(path: Path) -> list[AudioRequest]:
+    """All requests of a manifest; bad lines become requests carrying an error."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"--manifest {path}: cannot read it ({exc.strerror})")
+    base_dir = path.resolve().parent
+    requests: list[AudioRequest] = []
+    seen: set[str] = set()
+    for lineno, raw_line in enumerate(raw.split(b"\n"), start=1):
+        line = raw_line.decode("utf-8", errors="replace").strip()
+        if not line:
+            continue
+        try:
+            request = parse_manifest_line(line, lineno, base_dir)
+            if request.id in seen:
+                raise InputError(
+                    f"manifest line {lineno}: duplicate id {request.id!r}; "
+                    "ids must be unique (the first one is kept)"
+                )
+        except InputError as exc:
+            request = AudioRequest(id=f"{path.name}:{lineno}", audio=[], error=exc)
+        seen.add(request.id)
+        requests.append(request)
+    return sorted(requests, key=lambda r: r.id)
+
+
+def scan_audio_dir(directory: Path) -> list[AudioRequest]:
+    """One request per audio file below directory; id = relative path."""
+    if not directory.is_dir():
+        raise InputError(f"--audio-dir {directory}: not a directory")
+    requests = []
+    # followlinks=False: a symlink loop cannot make the walk run forever.
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(AUDIO_EXTENSIONS):
+                path = Path(root) / name
+                request_id = path.relative_to(directory).as_posix()
+                requests.append(AudioRequest(id=request_id, audio=[str(path)]))
+    if not requests:
+        raise InputError(
+            f"--audio-dir {directory}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) below it"
+        )
+    return sorted(requests, key=lambda r: r.id)
+
+
+def demo_requests(audio_count: int) -> list[AudioRequest]:
+    if not 1 <= audio_count <= len(DEMO_ASSETS):
+        raise InputError(
+            f"--audio-count {audio_count}: vLLM has {len(DEMO_ASSETS)} demo clips; "
+            "pass your own clips with --audio FILE ..."
+        )
+    sources = [f"asset:{name}" for name in DEMO_ASSETS[:audio_count]]
+    return [AudioRequest(id="tutorial", audio=sources, question=TUTORIAL_QUESTIONS[audio_count])]
+
+
+def collect_requests(args: argparse.Namespace) -> list[AudioRequest]:
+    chosen = [
+        flag
+        for flag, value in (
+            ("--audio", args.audio),
+            ("--manifest", args.manifest),
+            ("--audio-dir", args.audio_dir),
+        )
+        if value
+    ]
+    if len(chosen) > 1:
+        raise InputError(f"{' and '.join(chosen)}: give only one source of audio")
+    if args.audio_count is not None and chosen:
+        if args.audio and args.audio_count != len(args.audio):
+            raise InputError(
+                f"--audio-count {args.audio_count} but {len(args.audio)} --audio "
+                "clip(s): drop --audio-count, the clips set the count"
+            )
+        if not args.audio:
+            raise InputError(f"--audio-count goes with demo clips, not {chosen[0]}")
+    if args.audio:
+        cwd = Path.cwd()
+        return [
+            AudioRequest(
+                id="request",
+                audio=[resolve_source(a, cwd, "--audio") for a in args.audio],
+            )
+        ]
+    if args.manifest:
+        return read_manifest(args.manifest)
+    if args.audio_dir:
+        return scan_audio_dir(args.audio_dir)
+    return demo_requests(2 if args.audio_count is None else args.audio_count)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/8")
+    return index, count
+
+
+def in_shard(request_id: str, index: int, count: int) -> bool:
+    # A hash of the id, not its position: a request stays in its shard when the
+    # manifest grows, so resuming a shard after adding lines stays correct.
+    return zlib.crc32(request_id.encode("utf-8")) % count == index
+
+
+# --------------------------------------------------------------------------
+# Inputs: audio
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Clip:
+    """A decoded clip: 16 kHz mono float32, ready for the engine."""
+
+    source: str
+    samples: np.ndarray
+    original_rate: int
+    original_channels: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+def audio_token_count(num_samples: int) -> int:
+    """Audio tokens Qwen2-Audio emits for a 16 kHz clip (25 per second, <= 750)."""
+    mel_frames = min(math.ceil(num_samples / MEL_HOP), 3000)
+    after_conv = (mel_frames - 1) // 2 + 1
+    return max(0, (after_conv - 2) // 2 + 1)
+
+
+def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    """Download one clip, bounded in time and size."""
+    request = urllib.request.Request(url, headers={"User-Agent": "run_qwen2_audio"})
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            kind = response.headers.get_content_type()
+            if kind.startswith("text/") or kind in ("application/json", "text/html"):
+                raise InputError(f"audio {url}: server sent {kind}, not audio; check the URL")
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise InputError(
+                    f"audio {url}: {int(length) / 2**20:.1f} MB is over --max-audio-mb "
+                    f"{max_bytes / 2**20:g}; raise it or download the file first"
+                )
+            chunks, size = [], 0
+            while chunk := response.read(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InputError(
+                        f"audio {url}: larger than --max-audio-mb "
+                        f"{max_bytes / 2**20:g}; raise it or download the file first"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"audio {url}: HTTP {exc.code} {exc.reason}; check the URL")
+    except (TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc or "timed out"
+        if isinstance(exc, TimeoutError) or "timed out" in str(reason):
+            reason = f"no complete answer within --url-timeout {timeout:g} s"
+        raise InputError(f"audio {url}: download failed ({reason})")
+
+
+def demo_asset_path(name: str) -> str:
+    from vllm.assets.audio import AudioAsset
+
+    try:
+        return str(AudioAsset(name).get_local_path())
+    except Exception as exc:  # vLLM raises whatever its HTTP client raised
+        cache = os.environ.get("VLLM_ASSETS_CACHE", "~/.cache/vllm/assets")
+        raise InputError(
+            f"demo clip {name!r} could not be downloaded ({type(exc).__name__}); "
+            f"offline? pass your own clips with --audio FILE, or put {name}.ogg "
+            f"into {cache}/vllm_public_assets/ (VLLM_ASSETS_CACHE)",
+            kind="asset_unavailable",
+        )
+
+
+def open_audio_source(source: str, options: Options) -> tuple[Any, str]:
+    """What soundfile can open (a path or bytes) and the name for messages."""
+    if source.startswith("asset:"):
+        return demo_asset_path(source.removeprefix("asset:")), source
+    if urllib.parse.urlsplit(source).scheme.lower() in ("http", "https"):
+        data = fetch_url(source, options.url_timeout, options.max_audio_bytes)
+        return io.BytesIO(data), source
+    path = Path(source)
+    try:
+        info = path.stat()  # follows links; a loop raises ELOOP here
+    except FileNotFoundError:
+        raise InputError(f"audio {source}: no such file; check the path")
+    except OSError as exc:
+        raise InputError(f"audio {source}: cannot open it ({exc.strerror})")
+    if path.is_dir():
+        raise InputError(f"audio {source}: is a directory; pass files, or use --audio-dir")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"audio {source}: permission denied; make it readable")
+    if info.st_size == 0:
+        raise InputError(f"audio {source}: empty file (0 bytes)")
+    return source, source
+
+
+def decode_to_16k_mono(handle: Any, name: str) -> Clip:
+    """Decode, downmix and resample block by block.
+
+    Streaming keeps a 2-hour 96 kHz file from ever being held in memory at
+    its original rate and channel count: only the 16 kHz mono result is.
+    """
+    import soundfile
+    import soxr
+
+    try:
+        with soundfile.SoundFile(handle) as sound:
+            rate, channels = sound.samplerate, sound.channels
+            resampler = None
+            if rate != SAMPLE_RATE:
+                resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            pieces = []
+            for block in sound.blocks(blocksize=rate * 10, dtype="float32", always_2d=True):
+                mono = block.mean(axis=1, dtype=np.float32)
+                if resampler is not None:
+                    mono = resampler.resample_chunk(mono)
+                pieces.append(mono)
+            if resampler is not None:
+                pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    except soundfile.LibsndfileError as exc:
+        return decode_with_librosa(handle, name, str(exc))
+    except RuntimeError as exc:
+        return decode_with_librosa(handle, name, str(exc))
+    samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return Clip(name, np.ascontiguousarray(samples, np.float32), rate, channels)
+
+
+def decode_with_librosa(handle: Any, name: str, first_error: str) -> Clip:
+    """Formats libsndfile cannot read (m4a, some mp3s) via librosa/audioread."""
+    try:
+        import librosa
+
+        if isinstance(handle, io.BytesIO):
+            handle.seek(0)
+        samples, rate = librosa.load(handle, sr=SAMPLE_RATE, mono=True)
+    except Exception as exc:
+        detail = first_error.splitlines()[0] if first_error else str(exc)
+        raise InputError(
+            f"audio {name}: cannot decode it as audio ({detail}); convert it, "
+            f"e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav",
+            kind="audio_decode_error",
+        )
+    return Clip(name, samples.astype(np.float32), int(rate), 1)
+
+
+def check_clip(clip: Clip) -> None:
+    if not np.isfinite(clip.samples).all():
+        raise InputError(
+            f"audio {clip.source}: contains NaN or infinite samples; re-export it",
+            kind="audio_decode_error",
+        )
+    if clip.seconds < MIN_CLIP_SECONDS:
+        raise InputError(
+            f"audio {clip.source}: {clip.seconds:.3f} s is too short; Qwen2-Audio "
+            f"needs at least {MIN_CLIP_SECONDS} s"
+        )
+
+
+def load_clip(source: str, options: Options) -> Clip:
+    handle, name = open_audio_source(source, options)
+    clip = decode_to_16k_mono(handle, name)
+    check_clip(clip)
+    return clip
+
+
+# --------------------------------------------------------------------------
+# Inputs: long audio
+# --------------------------------------------------------------------------
+
+SPLIT_SEARCH_SECONDS = 5.0  # how far before the limit a cut may move
+SPLIT_FRAME_SECONDS = 0.02
+
+
+def split_points(samples: np.ndarray, segment_seconds: float) -> list[tuple[int, int]]:
+    """Cut a clip into [start, end) sample ranges of at most segment_seconds.
+
+    Rule: each cut is placed in the quietest 20 ms frame of the last
+    SPLIT_SEARCH_SECONDS (at most a third of the segment) before the limit,
+    the latest such frame on ties, so a cut falls in a pause rather than a
+    word. Ranges are contiguous and cover every sample exactly once.
+    """
+    limit = int(segment_seconds * SAMPLE_RATE)
+    frame = int(SPLIT_FRAME_SECONDS * SAMPLE_RATE)
+    search = min(int(SPLIT_SEARCH_SECONDS * SAMPLE_RATE), limit // 3)
+    ranges, start, total = [], 0, len(samples)
+    while total - start > limit:
+        window_start = start + limit - search
+        window = samples[window_start : start + limit]
+        frames = len(window) // frame
+        energy = np.square(window[: frames * frame].reshape(frames, frame)).mean(axis=1)
+        quietest = frames - 1 - int(np.argmin(energy[::-1]))
+        cut = window_start + quietest * frame + frame // 2
+        ranges.append((start, cut))
+        start = cut
+    ranges.append((start, total))
+    return ranges
+
+
+@dataclasses.dataclass
+class Segment:
+    """One prompt's worth of audio of a request (a whole request unless split)."""
+
+    clips: list[np.ndarray]
+    start_seconds: float = 0.0
+    end_seconds: float = 0.0
+
+
+def apply_long_audio_policy(
+    clips: list[Clip], options: Options, warnings: list[str]
+) -> list[Segment]:
+    """Segments to send for a request's clips.
+
+    Only single-clip requests are split: in a multi-clip prompt the question
+    refers to "Audio 1", "Audio 2"..., which splitting would renumber, so
+    long clips there are truncated (with a warning) instead.
+    """
+    limit = options.segment_seconds
+    long_clips = [c for c in clips if c.seconds > limit + 1e-9]
+    if not long_clips:
+        return [Segment([c.samples for c in clips], 0.0, max(c.seconds for c in clips))]
+    names = ", ".join(f"{c.source} ({c.seconds:.1f} s)" for c in long_clips)
+    if options.long_audio == "error":
+        raise InputError(
+            f"audio {names}: longer than {limit:g} s; use --long-audio split "
+            "or truncate, or cut the file"
+        )
+    if options.long_audio == "split" and len(clips) == 1:
+        clip = clips[0]
+        return [
+            Segment([clip.samples[a:b]], a / SAMPLE_RATE, b / SAMPLE_RATE)
+            for a, b in split_points(clip.samples, limit)
+        ]
+    keep = int(limit * SAMPLE_RATE)
+    for clip in long_clips:
+        warnings.append(
+            f"audio {clip.source}: {clip.seconds:.1f} s truncated to {limit:g} s, "
+            f"{clip.seconds - limit:.1f} s dropped"
+            + ("" if len(clips) == 1 else " (multi-clip prompts are not split)")
+        )
+    samples = [c.samples[:keep] for c in clips]
+    return [Segment(samples, 0.0, max(len(s) for s in samples) / SAMPLE_RATE)]
+
+
+# --------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------
+
+
+def build_prompt(question: str, num_clips: int, system_prompt: str) -> str:
+    """Qwen2-Audio's chat format, exactly as the tutorial and chat template write it."""
+    audio_lines = "".join(
+        f"Audio {i + 1}: <|audio_bos|><|AUDIO|><|audio_eos|>\n" for i in range(num_clips)
+    )
+    return (
+        f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+        "<|im_start|>user\n"
+        f"{audio_lines}{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def check_no_special_tokens(text: str, what: str) -> None:
+    # Tokenizers map these strings to control tokens: a question containing
+    # <|im_end|> would end the user turn early, <|AUDIO|> would claim audio.
+    found = [token for token in SPECIAL_TOKENS if token in text]
+    if found:
+        raise InputError(
+            f"{what} contains the chat control token(s) {' '.join(found)}; remove "
+            "them, or pass --allow-special-tokens if you mean it"
+        )
+
+
+def question_for(request: AudioRequest, options: Options) -> str:
+    return request.question or options.question or DEFAULT_QUESTION
+
+
+# --------------------------------------------------------------------------
+# Prepared requests (audio loaded, prompts built, budget checked)
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedRequest:
+    request: AudioRequest
+    prompt: str = ""
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    audio_seconds: float = 0.0
+    prompt_tokens: list[int] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    decode_seconds: float = 0.0
+    error: InputError | None = None
+
+    def engine_inputs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "prompt": self.prompt,
+                "multi_modal_data": {"audio": [(s, SAMPLE_RATE) for s in seg.clips]},
+            }
+            for seg in self.segments
+        ]
+
+
+TokenCounter = Callable[[str], int]
+
+
+def prepare_request(
+    request: AudioRequest, options: Options, count_tokens: TokenCounter | None
+) -> PreparedRequest:
+    """Load and check everything a request needs; errors land in .error."""
+    started = time.perf_counter()
+    prepared = PreparedRequest(request)
+    try:
+        if request.error is not None:
+            raise request.error
+        question = question_for(request, options)
+        system_prompt = request.system_prompt or options.system_prompt
+        if not options.allow_special_tokens:
+            check_no_special_tokens(question, f"request {request.id}: question")
+            check_no_special_tokens(system_prompt, f"request {request.id}: system prompt")
+        clips = [load_clip(source, options) for source in request.audio]
+        prepared.audio_seconds = sum(c.seconds for c in clips)
+        prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
+        prepared.prompt = build_prompt(question, len(clips), system_prompt)
+        if count_tokens is not None:
+            text_tokens = count_tokens(prepared.prompt) - len(clips)
+            prepared.prompt_tokens = [
+                text_tokens + sum(audio_token_count(len(s)) for s in seg.clips)
+                for seg in prepared.segments
+            ]
+            check_budget(request.id, max(prepared.prompt_tokens), options)
+    except InputError as exc:
+        prepared.error = exc
+    prepared.decode_seconds = time.perf_counter() - started
+    return prepared
+
+
+def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
+    if prompt_tokens >= options.max_model_len:
+        raise InputError(
+            f"request {request_id}: prompt needs {prompt_tokens} tokens but "
+            f"--max-model-len is {options.max_model_len}; raise --max-model-len "
+            "or send fewer/shorter clips"
+        )
+
+
+def load_tokenizer_counter(model: str, trust_remote_code: bool) -> TokenCounter | None:
+    """A token counter from the model's local tokenizer, or None if not local."""
+    if not Path(model).expanduser().is_dir():
+        return None  # a hub id: the engine downloads it; we count after that
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(Path(model).expanduser()), trust_remote_code=trust_remote_code
+    )
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+# --------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------
+
+
+def check_model(model: str) -> None:
+    """A path-like --model must exist; a hub id (org/name) is left to vLLM."""
+    looks_like_path = (
+        model.startswith(("/", "./", "../", "~")) or model.count("/") != 1 or Path(model).exists()
+    )
+    if looks_like_path and not Path(model).expanduser().exists():
+        raise InputError(
+            f"--model {model}: no such directory; give a local checkpoint "
+            f"directory or a hub id such as {DEFAULT_MODEL}"
+        )
+    use_modelscope = os.environ.get("VLLM_USE_MODELSCOPE", "").lower() == "true"
+    if use_modelscope and importlib_find_spec("modelscope") is None:
+        raise InputError(
+            "VLLM_USE_MODELSCOPE=True but modelscope is not installed: "
+            "pip install modelscope, or export VLLM_USE_MODELSCOPE=False for Hugging Face"
+        )
+
+
+def importlib_find_spec(name: str) -> Any:
+    import importlib.util
+
+    return importlib.util.find_spec(name)
+
+
+def resolve_engine_kwargs(args: argparse.Namespace, max_clips: int) -> dict[str, Any]:
+    """EngineArgs from the parsed flags, limit_mm_per_prompt following the clips."""
+    from vllm import EngineArgs
+
+    if args.limit_mm_per_prompt is None:
+        args.limit_mm_per_prompt = {"audio": max(1, max_clips)}
+    allowed = args.limit_mm_per_prompt.get("audio", 0)
+    if isinstance(allowed, dict):  # newer vLLM: {"audio": {"count": N, ...}}
+        allowed = allowed.get("count", 0)
+    if max_clips > allowed:
+        raise InputError(
+            f"{max_clips} clips in one prompt but --limit-mm-per-prompt allows "
+            f"{allowed} audio; raise it, e.g. --limit-mm-per-prompt "
+            f"'{{\"audio\": {max_clips}}}'"
+        )
+    # Only what differs from vLLM's own defaults goes to LLM(...): the shortest
+    # call that means the same on every vLLM version, and what --dry-run shows.
+    engine_args = EngineArgs.from_cli_args(args)
+    baseline = EngineArgs()
+    return {
+        field.name: getattr(engine_args, field.name)
+        for field in dataclasses.fields(EngineArgs)
+        if field.init and differs(getattr(engine_args, field.name), getattr(baseline, field.name))
+    }
+
+
+def differs(value: Any, default: Any) -> bool:
+    # The CLI turns some False/"" defaults into None; those are not choices.
+    return value != default and not (not value and not default)
+
+
+def build_sampling_params(args: argparse.Namespace) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+    )
+
+
+def start_engine(engine_kwargs: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    return LLM(**engine_kwargs)
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+def segment_record(output: Any, segment: Segment) -> dict[str, Any]:
+    completions = output.outputs
+    return {
+        "start": round(segment.start_seconds, 3),
+        "end": round(segment.end_seconds, 3),
+        "answers": [c.text for c in completions],
+        "token_ids": [list(c.token_ids) for c in completions],
+        "prompt_tokens": len(output.prompt_token_ids),
+        "output_tokens": sum(len(c.token_ids) for c in completions),
+        "finish_reasons": [c.finish_reason for c in completions],
+    }
+
+
+def result_record(
+    prepared: PreparedRequest, outputs: list[Any], generate_seconds: float
+) -> dict[str, Any]:
+    """The JSON record of an answered request (segments joined in order)."""
+    parts = [segment_record(o, s) for o, s in zip(outputs, prepared.segments, strict=True)]
+    completions = range(len(parts[0]["answers"]))
+    # Completion i of the request = completion i of every segment, in order.
+    answers = [" ".join(p["answers"][i].strip() for p in parts) for i in completions]
+    if len(parts) == 1:
+        answers = parts[0]["answers"]  # unstripped: exactly what the model said
+    token_ids = [[t for p in parts for t in p["token_ids"][i]] for i in completions]
+    request = prepared.request
+    record: dict[str, Any] = {
+        "id": request.id,
+        "audio": request.audio,
+        "prompt": prepared.prompt,
+        "answer": answers[0],
+        "answers": answers,
+        "token_ids": token_ids,
+        "prompt_tokens": sum(p["prompt_tokens"] for p in parts),
+        "output_tokens": sum(p["output_tokens"] for p in parts),
+        "finish_reason": parts[-1]["finish_reasons"][0],
+        "audio_seconds": round(prepared.audio_seconds, 3),
+        "timing": {
+            "decode_seconds": round(prepared.decode_seconds, 4),
+            "generate_seconds": round(generate_seconds, 4),
+        },
+    }
+    if len(parts) > 1:
+        record["segments"] = parts
+    if prepared.warnings:
+        record["warnings"] = prepared.warnings
+    return record
+
+
+def error_record(prepared: PreparedRequest) -> dict[str, Any]:
+    assert prepared.error is not None
+    return {
+        "id": prepared.request.id,
+        "audio": prepared.request.audio,
+        "error": {"type": prepared.error.kind, "message": str(prepared.error)},
+    }
+
+
+class ResultWriter:
+    """One writer per output format; jsonl streams, json and text at close."""
+
+    def __init__(self, stream: TextIO, fmt: str, single: bool) -> None:
+        self.stream, self.fmt, self.single = stream, fmt, single
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            # One write per complete line, flushed: a kill leaves at most one
+            # torn last line, which --resume detects and drops.
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        elif self.fmt == "text":
+            self.write_text(record)
+        else:
+            self.records.append(record)
+
+    def write_text(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            return  # errors go to stderr as they happen
+        for answer in record["answers"]:
+            prefix = "" if self.single else f"{record['id']}\t"
+            self.stream.write(f"{prefix}{answer}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def choose_output_format(args: argparse.Namespace) -> str:
+    if args.output_format:
+        return args.output_format
+    suffix = args.output.suffix.lower() if args.output else ""
+    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+
+
+# --------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------
+
+
+def read_finished_ids(path: Path, retry_errors: bool) -> set[str]:
+    """Ids already in a jsonl output; repairs a torn last line and, with
+    retry_errors, drops error records so each id ends up exactly once."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    kept, finished = [], set()
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            request_id = record["id"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill
+        if retry_errors and "error" in record:
+            continue
+        kept.append(line)
+        finished.add(request_id)
+    repaired = b"".join(line + b"\n" for line in kept)
+    if repaired != data:
+        temporary = path.with_name(path.name + ".resume-tmp")
+        temporary.write_bytes(repaired)
+        os.replace(temporary, path)
+    return finished
+
+
+def lock_output(stream: TextIO, path: Path) -> None:
+    try:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise InputError(
+            f"--output {path}: another run is writing to it; wait for it or choose another file"
+        )
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunReport:
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    audio_seconds: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    wall_seconds: float = 0.0
+    decode_seconds: float = 0.0  # summed over requests (runs in worker threads)
+    engine_start_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    wait_for_audio_seconds: float = 0.0  # engine idle, waiting on decoding
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            self.failed += 1
+            return
+        self.ok += 1
+        self.audio_seconds += record["audio_seconds"]
+        self.prompt_tokens += record["prompt_tokens"]
+        self.output_tokens += record["output_tokens"]
+
+    def summary(self) -> dict[str, Any]:
+        wall = max(self.wall_seconds, 1e-9)
+        gen = max(self.generate_seconds, 1e-9)
+        return {
+            **{k: round(v, 4) for k, v in dataclasses.asdict(self).items()},
+            "real_time_factor": round(self.audio_seconds / wall, 3),
+            "requests_per_second": round(self.ok / wall, 3),
+            "prompt_tokens_per_second": round(self.prompt_tokens / gen, 1),
+            "output_tokens_per_second": round(self.output_tokens / gen, 1),
+            "wait_for_audio_fraction": round(self.wait_for_audio_seconds / gen, 4),
+        }
+
+    def lines(self) -> list[str]:
+        s = self.summary()
+        return [
+            f"requests: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)",
+            f"audio: {self.audio_seconds:.1f} s in {self.wall_seconds:.1f} s wall "
+            f"= {s['real_time_factor']}x real time",
+            f"tokens/s: prompt {s['prompt_tokens_per_second']}, "
+            f"output {s['output_tokens_per_second']}",
+            f"stages: decode+resample {self.decode_seconds:.2f} s (summed over "
+            f"workers), engine start {self.engine_start_seconds:.2f} s, generation "
+            f"{self.generate_seconds:.2f} s, engine waiting for audio "
+            f"{self.wait_for_audio_seconds:.2f} s",
+        ]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+def chunked(items: Sequence[AudioRequest], size: int) -> Iterator[list[AudioRequest]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def generate_chunk(
+    llm: Any, prepared: list[PreparedRequest], sampling_params: Any
+) -> Iterator[dict[str, Any]]:
+    """One generate call for every segment of a chunk; records in input order."""
+    runnable = [p for p in prepared if p.error is None]
+    inputs = [i for p in runnable for i in p.engine_inputs()]
+    started = time.perf_counter()
+    outputs = llm.generate(inputs, sampling_params=sampling_params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    position = 0
+    by_request = {}
+    for p in runnable:
+        by_request[id(p)] = outputs[position : position + len(p.segments)]
+        position += len(p.segments)
+    for p in prepared:
+        if p.error is not None:
+            yield error_record(p)
+        else:
+            yield result_record(p, by_request[id(p)], elapsed)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_batch(
+    llm: Any,
+    requests: list[AudioRequest],
+    first_chunk: concurrent.futures.Future | None,
+    pool: concurrent.futures.ThreadPoolExecutor,
+    prepare: Callable[[AudioRequest], PreparedRequest],
+    sampling_params: Any,
+    writer: ResultWriter,
+    report: RunReport,
+    chunk_size: int,
+    progress: Any,
+) -> None:
+    """Generate chunk k while chunk k+1's audio is decoded in the pool."""
+    chunks = list(chunked(requests, chunk_size))
+
+    def submit(chunk: list[AudioRequest]) -> concurrent.futures.Future:
+        futures = [pool.submit(prepare, r) for r in chunk]
+        return pool.submit(lambda: [f.result() for f in futures])
+
+    pending = first_chunk or (submit(chunks[0]) if chunks else None)
+    for index in range(len(chunks)):
+        waited = time.perf_counter()
+        prepared = pending.result()
+        report.wait_for_audio_seconds += time.perf_counter() - waited
+        pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else None
+        report.decode_seconds += sum(p.decode_seconds for p in prepared)
+        started = time.perf_counter()
+        for record in generate_chunk(llm, prepared, sampling_params):
+            if "error" in record:
+                log(f"error: {record['id']}: {record['error']['message']}")
+            writer.write(record)
+            report.add(record)
+        for p in prepared:
+            for warning in p.warnings:
+                log(f"warning: {warning}")
+        report.generate_seconds += time.perf_counter() - started
+        progress.update(len(prepared), report)
+
+
+class Progress:
+    """requests done, clips/s and audio s/s on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done, self.started = 0, time.perf_counter()
+
+    def update(self, count: int, report: RunReport) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        log(
+            f"[{self.done}/{self.total}] {self.done / elapsed:.2f} req/s, "
+            f"{report.audio_seconds / elapsed:.1f} audio s/s, "
+            f"{report.failed} failed"
+        )
+
+
+def dry_run(
+    args: argparse.Namespace,
+    requests: list[AudioRequest],
+    options: Options,
+    engine_kwargs: dict[str, Any],
+) -> int:
+    count = load_tokenizer_counter(args.model, args.trust_remote_code)
+    out = sys.stdout
+    failed = 0
+    for request in requests:
+        prepared = prepare_request(request, options, count)
+        if prepared.error is not None:
+            failed += 1
+            log(f"error: {prepared.error}")
+            continue
+        out.write(f"# request {request.id}\n{prepared.prompt}\n")
+        for warning in prepared.warnings:
+            out.write(f"# warning: {warning}\n")
+        for i, seg in enumerate(prepared.segments):
+            audio = [audio_token_count(len(s)) for s in seg.clips]
+            total = prepared.prompt_tokens[i] if prepared.prompt_tokens else None
+            out.write(
+                f"# segment {i} [{seg.start_seconds:.2f}-{seg.end_seconds:.2f} s]: "
+                f"audio tokens {audio} (25/s, <= {MAX_AUDIO_TOKENS_PER_CLIP} per clip)"
+                + (
+                    f", prompt tokens {total} of max_model_len "
+                    f"{options.max_model_len}; {options.max_model_len - total} left "
+                    f"for output (max_tokens {options.max_tokens})"
+                    if total is not None
+                    else " (text tokens not counted: the tokenizer is not local)"
+                )
+                + "\n"
+            )
+    shown = {k: v for k, v in engine_kwargs.items() if not isinstance(v, dict) or v}
+    out.write("# engine arguments\n")
+    out.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
+    for line in memory_estimate_lines(args, engine_kwargs):
+        out.write(f"# {line}\n")
+    if failed and len(requests) > 1:
+        log(f"{failed} of {len(requests)} request(s) cannot run (errors above)")
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# Memory estimate (for --dry-run)
+# --------------------------------------------------------------------------
+
+# Qwen2-Audio-7B-Instruct's published config.json, for when --model is a hub
+# id whose config is not on disk yet.
+QWEN2_AUDIO_7B_CONFIG: dict[str, Any] = {
+    "audio_config": {
+        "d_model": 1280,
+        "encoder_attention_heads": 20,
+        "encoder_ffn_dim": 5120,
+        "encoder_layers": 32,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+    },
+    "text_config": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 156032,
+        "tie_word_embeddings": False,
+    },
+}
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_cache_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of Qwen2-Audio: Whisper-style encoder + projector + Qwen2 LM."""
+    a, t = config["audio_config"], config["text_config"]
+    d, ffn, mel = a["d_model"], a["encoder_ffn_dim"], a.get("num_mel_bins", 128)
+    audio_layer = 4 * d * d + 3 * d + ffn * d * 2 + ffn + d + 4 * d  # attn, mlp, 2 norms
+    audio = (
+        mel * d * 3
+        + d  # conv1
+        + d * d * 3
+        + d  # conv2
+        + a.get("max_source_positions", 1500) * d  # positions
+        + a["encoder_layers"] * audio_layer
+        + 2 * d  # final layer norm
+    )
+    h, inter = t["hidden_size"], t["intermediate_size"]
+    heads, kv_heads = t["num_attention_heads"], t.get("num_key_value_heads", 1)
+    head_dim = t.get("head_dim") or h // heads
+    attn = h * heads * head_dim + heads * head_dim  # q with bias
+    attn += 2 * (h * kv_heads * head_dim + kv_heads * head_dim)  # k, v with bias
+    attn += heads * head_dim * h  # o
+    text_layer = attn + 3 * h * inter + 2 * h
+    vocab = t["vocab_size"]
+    embeddings = vocab * h * (1 if t.get("tie_word_embeddings") else 2)
+    text = t["num_hidden_layers"] * text_layer + embeddings + h
+    projector = d * h + h
+    return audio + projector + text
+
+
+def estimate_memory(
+    config: dict[str, Any], dtype: str, max_model_len: int, max_num_seqs: int
+) -> MemoryEstimate:
+    size = DTYPE_BYTES.get(dtype, 2)
+    t = config["text_config"]
+    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    kv_heads = t.get("num_key_value_heads", t["num_attention_heads"])
+    # K and V, for every layer and KV head.
+    kv_per_token = t["num_hidden_layers"] * kv_heads * head_dim * 2 * size
+    parameters = count_parameters(config)
+    return MemoryEstimate(
+        parameters=parameters,
+        weight_bytes=parameters * size,
+        kv_bytes_per_token=kv_per_token,
+        kv_cache_bytes=kv_per_token * max_model_len * max_num_seqs,
+    )
+
+
+def load_model_config(model: str) -> dict[str, Any]:
+    path = Path(model).expanduser() / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return QWEN2_AUDIO_7B_CONFIG
+
+
+def query_device_memory() -> float | None:
+    """Total bytes of device 0 via torch.npu or torch.cuda, None elsewhere."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    for backend in ("npu", "cuda"):
+        if backend == "npu":
+            try:
+                import torch_npu  # noqa: F401  (registers torch.npu)
+            except ImportError:
+                continue
+        module = getattr(torch, backend, None)
+        try:
+            if module is not None and module.is_available():
+                return float(module.get_device_properties(0).total_memory)
+        except Exception:
+            continue
+    return None
+
+
+def memory_estimate_lines(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> list[str]:
+    config = load_model_config(args.model)
+    dtype = str(engine_kwargs.get("dtype", "auto"))
+    if dtype == "auto":
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    est = estimate_memory(config, dtype, args.max_model_len, args.max_num_seqs)
+    gib = 2**30
+    lines = [
+        f"memory estimate ({dtype}): weights {est.parameters / 1e9:.2f} B params x "
+        f"{DTYPE_BYTES.get(dtype, 2)} B = {est.weight_bytes / gib:.2f} GiB; KV cache "
+        f"{est.kv_bytes_per_token / 2**10:.0f} KiB/token x {args.max_model_len} x "
+        f"{args.max_num_seqs} seqs = {est.kv_cache_bytes / gib:.2f} GiB; "
+        f"total {est.total_bytes / gib:.2f} GiB (+ activations and runtime)",
+    ]
+    device = query_device_memory()
+    if device is None and args.device_memory_gb:
+        device = args.device_memory_gb * gib
+    tp = max(1, int(engine_kwargs.get("tensor_parallel_size") or 1))
+    if device is None:
+        lines.append("device memory unknown: pass --device-memory-gb to compare")
+        return lines
+    usable = device * args.gpu_memory_utilization
+    per_device = est.weight_bytes / tp + est.kv_cache_bytes / tp
+    verdict = "fits" if per_device <= usable else "WILL NOT FIT"
+    lines.append(
+        f"per device (tensor parallel {tp}): {per_device / gib:.2f} GiB needed vs "
+        f"{device / gib:.1f} GiB x gpu_memory_utilization "
+        f"{args.gpu_memory_utilization} = {usable / gib:.2f} GiB usable: {verdict}"
+    )
+    if per_device > usable:
+        log(
+            "warning: this configuration does not fit the device: lower "
+            "--max-model-len or --max-num-seqs, or raise --tensor-parallel-size"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def open_output(args: argparse.Namespace, fmt: str) -> tuple[TextIO, set[str]]:
+    """The output stream (locked) and the ids a --resume may skip."""
+    if args.output is None:
+        if args.resume:
+            raise InputError("--resume needs --output FILE.jsonl to resume from")
+        return sys.stdout, set()
+    if args.resume and fmt != "jsonl":
+        raise InputError(f"--resume: --output {args.output} must be jsonl to resume")
+    try:
+        stream = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"--output {args.output}: cannot write it ({exc.strerror})")
+    lock_output(stream, args.output)
+    finished = read_finished_ids(args.output, args.retry_errors) if args.resume else set()
+    if args.resume:  # read_finished_ids may have replaced the file
+        stream.close()
+        stream = open(args.output, "a", encoding="utf-8")
+        lock_output(stream, args.output)
+    return stream, finished
+
+
+def run(args: argparse.Namespace) -> int:
+    wall_started = time.perf_counter()
+    options = options_from_args(args)
+    check_model(args.model)
+    requests = collect_requests(args)
+    single = not (args.manifest or args.audio_dir)
+    shard_index, shard_count = parse_shard(args.shard)
+    requests = [r for r in requests if in_shard(r.id, shard_index, shard_count)]
+    max_clips = max((len(r.audio) for r in requests), default=1)
+    engine_kwargs = resolve_engine_kwargs(args, max_clips)
+    if args.dry_run:
+        return dry_run(args, requests, options, engine_kwargs)
+
+    fmt = choose_output_format(args)
+    stream, finished = open_output(args, fmt)
+    report = RunReport(requests=len(requests))
+    todo = [r for r in requests if r.id not in finished]
+    report.skipped = len(requests) - len(todo)
+    writer = ResultWriter(stream, fmt, single)
+    count_tokens = load_tokenizer_counter(args.model, args.trust_remote_code)
+    sampling_params = build_sampling_params(args)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.decode_workers) + 1) as pool:
+
+        def prepare(request: AudioRequest) -> PreparedRequest:
+            return prepare_request(request, options, count_tokens)
+
+        first_chunk = None
+        if single:
+            # Fail fast on bad input, before minutes of model loading.
+            prepared = [prepare(r) for r in todo]
+            for p in prepared:
+                if p.error is not None:
+                    raise p.error
+            first_chunk = concurrent.futures.Future()
+            first_chunk.set_result(prepared)
+        elif todo:
+            # Decode the first chunk while the engine loads.
+            futures = [pool.submit(prepare, r) for r in todo[: args.chunk_size]]
+            first_chunk = pool.submit(lambda: [f.result() for f in futures])
+        if not todo:
+            log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
+            stream.close()
+            return EXIT_OK
+        started = time.perf_counter()
+        llm = start_engine(engine_kwargs)
+        report.engine_start_seconds = time.perf_counter() - started
+        if count_tokens is None and not single:
+            log("note: prompt budgets are checked by the engine (tokenizer not local)")
+        progress = Progress(len(todo), enabled=not (args.no_progress or single))
+        try:
+            run_batch(
+                llm,
+                todo,
+                first_chunk,
+                pool,
+                prepare,
+                sampling_params,
+                writer,
+                report,
+                args.chunk_size,
+                progress,
+            )
+        finally:
+            writer.close()
+            if stream is not sys.stdout:
+                stream.close()
+            report.wall_seconds = time.perf_counter() - wall_started
+            if not single:
+                for line in report.lines():
+                    log(line)
+            if args.report:
+                args.report.write_text(json.dumps(report.summary(), indent=2) + "\n")
+    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_environment_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for signum in (signal.SIGTERM,):
+        signal.signal(signum, raise_interrupted)
+    try:
+        return run(args)
+    except InputError as exc:
+        log(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Interrupted) as exc:
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        hint = (
+            f"; rerun the same command with --resume to finish {args.output}" if args.output else ""
+        )
+        log(f"interrupted by {name}: results written so far are kept{hint}")
+        return 130 if name == "SIGINT" else 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Clips reach the engine as 16 kHz mono float32, whatever they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+from conftest import tone
+
+import run_qwen2_audio as tool
+
+OPTIONS = tool.Options(None, "", False, "split", 30, 10, 2**30, 4096, 64)
+
+
+def peak_frequency(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[np.argmax(spectrum)])
+
+
+def test_44k_stereo_tone_becomes_16k_mono_with_its_frequency(tmp_path):
+    t = np.arange(2 * 44100) / 44100
+    left = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    soundfile.write(tmp_path / "tone.wav", np.stack([left, left], 1), 44100)
+    clip = tool.load_clip(str(tmp_path / "tone.wav"), OPTIONS)
+    assert clip.samples.ndim == 1 and clip.samples.dtype == np.float32
+    assert clip.original_rate == 44100 and clip.original_channels == 2
+    assert len(clip.samples) == pytest.approx(2 * 16000, abs=2)
+    assert peak_frequency(clip.samples, 16000) == pytest.approx(1000, abs=2)
+    assert np.abs(clip.samples).max() == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["a.wav", "b.mp3", "c.flac", "d.ogg"])
+def test_every_format_decodes(clips, name):
+    clip = tool.load_clip(str(clips[name]), OPTIONS)
+    seconds = soundfile.info(clips[name]).duration
+    assert clip.seconds == pytest.approx(seconds, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "tokens"), [(1, 25), (3, 75), (5, 125), (30, 750), (45, 750), (0.1, 2)]
+)
+def test_audio_tokens_are_25_per_second_up_to_750(seconds, tokens):
+    assert tool.audio_token_count(int(seconds * 16000)) == tokens
+
+
+def test_8_channel_96k_file_is_downmixed(tmp_path):
+    soundfile.write(tmp_path / "x.wav", tone(1, 96000, channels=8), 96000)
+    clip = tool.load_clip(str(tmp_path / "x.wav"), OPTIONS)
+    assert clip.original_channels == 8 and len(clip.samples) == pytest.approx(16000, abs=2)
