@@ -19,4 +19,5 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
 fi
 "$VENV/bin/ruff" check run_qwen2_audio.py tests
 "$VENV/bin/ruff" format --check run_qwen2_audio.py tests
+"$VENV/bin/hadolint" Dockerfile
 "$VENV/bin/python" -m pytest "$@"
