@@ -1415,10 +1415,14 @@ def open_output(args: argparse.Namespace, fmt: str) -> tuple[TextIO, set[str]]:
     if args.resume and fmt != "jsonl":
         raise InputError(f"--resume: --output {args.output} must be jsonl to resume")
     try:
-        stream = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+        # Append mode, then lock, then truncate: opening with "w" would wipe
+        # the results of a run that holds the lock.
+        stream = open(args.output, "a", encoding="utf-8")
     except OSError as exc:
         raise InputError(f"--output {args.output}: cannot write it ({exc.strerror})")
     lock_output(stream, args.output)
+    if not args.resume:
+        stream.truncate(0)
     finished = read_finished_ids(args.output, args.retry_errors) if args.resume else set()
     if args.resume:  # read_finished_ids may have replaced the file
         stream.close()

@@ -1,0 +1,99 @@
+"""URLs end in a clear error within the timeout, whatever the server does;
+two runs never write the same output file at once."""
+
+from __future__ import annotations
+
+import fcntl
+import http.server
+import io
+import threading
+import time
+
+import pytest
+import soundfile
+from conftest import tone
+
+import run_qwen2_audio as tool
+
+WAV = io.BytesIO()
+soundfile.write(WAV, tone(1, 16000), 16000, format="WAV")
+WAV = WAV.getvalue()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        routes = {
+            "/ok.wav": (200, "audio/wav", WAV),
+            "/404": (404, "text/plain", b"no"),
+            "/500": (500, "text/plain", b"boom"),
+            "/page.wav": (200, "text/html", b"<html>hi</html>"),
+            "/big.wav": (200, "audio/wav", WAV * 8),
+        }
+        if self.path == "/slow.wav":
+            time.sleep(3)
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        status, kind, body = routes.get(self.path, (200, "audio/wav", WAV))
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+OPTIONS = tool.Options(None, "", False, "split", 30, 1.0, len(WAV) * 4, 4096, 64)
+
+
+def test_a_good_url_decodes(server):
+    clip = tool.load_clip(f"{server}/ok.wav", OPTIONS)
+    assert clip.seconds == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/404", "HTTP 404"),
+        ("/500", "HTTP 500"),
+        ("/loop", "HTTP 302"),
+        ("/page.wav", "server sent text/html, not audio"),
+        ("/big.wav", "over --max-audio-mb"),
+        ("/slow.wav", "no complete answer within --url-timeout 1 s"),
+    ],
+)
+def test_bad_urls_fail_clearly_within_the_timeout(server, path, message):
+    started = time.monotonic()
+    with pytest.raises(tool.InputError) as caught:
+        tool.load_clip(f"{server}{path}", OPTIONS)
+    assert time.monotonic() - started < OPTIONS.url_timeout + 1.0
+    assert str(caught.value).startswith(f"audio {server}{path}: ")
+    assert message in str(caught.value)
+
+
+def test_a_second_run_on_the_same_output_refuses(tiny_model, clips, tmp_path, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(f'{{"id": "a", "audio": "{clips["a.wav"]}"}}\n')
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"id": "earlier", "answer": "kept"}\n')
+    with out.open("a") as first_run:
+        fcntl.flock(first_run.fileno(), fcntl.LOCK_EX)
+        argv = ["--model", str(tiny_model), "--manifest", str(manifest), "--output", str(out)]
+        assert tool.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --output {out}: another run is writing to it; " + (
+        "wait for it or choose another file"
+    )
+    assert out.read_text() == '{"id": "earlier", "answer": "kept"}\n'  # untouched
