@@ -116,3 +116,15 @@ def test_special_tokens_in_questions_are_refused(tiny_model, clips, capsys):
     assert tool.main(argv) == 2
     assert "<|im_end|>" in capsys.readouterr().err
     assert tool.main([*argv, "--allow-special-tokens"]) == 0
+
+
+def test_dry_run_warns_when_the_7b_model_cannot_fit(clips, capsys):
+    argv = ["--dry-run", "--audio", str(clips["a.wav"]), "--device-memory-gb", "16"]
+    assert tool.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "weights 8.40 B params x 2 B = 15.64 GiB" in captured.out
+    assert "KV cache 512 KiB/token x 4096 x 5 seqs = 10.00 GiB" in captured.out
+    assert "WILL NOT FIT" in captured.out
+    assert "does not fit the device" in captured.err
+    assert tool.main([*argv[:-1], "64"]) == 0
+    assert "usable: fits" in capsys.readouterr().out
