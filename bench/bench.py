@@ -139,6 +139,7 @@ def decode_rate(paths: list[Path], threads: int) -> float:
 
 
 def main() -> None:
+    tool.set_environment_defaults()  # vLLM's logs to stderr: stdout is the table
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     model = build_tiny_qwen2_audio(folder / "model")
     (folder / "clips64").mkdir()
