@@ -27,6 +27,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import fcntl
+import importlib.util
 import io
 import json
 import math
@@ -498,7 +499,7 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             kind = response.headers.get_content_type()
-            if kind.startswith("text/") or kind in ("application/json", "text/html"):
+            if kind.startswith("text/") or kind == "application/json":
                 raise InputError(f"audio {url}: server sent {kind}, not audio; check the URL")
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
@@ -842,17 +843,11 @@ def check_model(model: str) -> None:
             f"directory or a hub id such as {DEFAULT_MODEL}"
         )
     use_modelscope = os.environ.get("VLLM_USE_MODELSCOPE", "").lower() == "true"
-    if use_modelscope and importlib_find_spec("modelscope") is None:
+    if use_modelscope and importlib.util.find_spec("modelscope") is None:
         raise InputError(
             "VLLM_USE_MODELSCOPE=True but modelscope is not installed: "
             "pip install modelscope, or export VLLM_USE_MODELSCOPE=False for Hugging Face"
         )
-
-
-def importlib_find_spec(name: str) -> Any:
-    import importlib.util
-
-    return importlib.util.find_spec(name)
 
 
 def resolve_engine_kwargs(args: argparse.Namespace, max_clips: int) -> dict[str, Any]:
@@ -1510,8 +1505,9 @@ def main(argv: list[str] | None = None) -> int:
     set_environment_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
-    for signum in (signal.SIGTERM,):
-        signal.signal(signum, raise_interrupted)
+    # SIGINT already raises KeyboardInterrupt; SIGTERM (schedulers, `kill`)
+    # should stop just as cleanly: flushed output, a resume hint.
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         return run(args)
     except InputError as exc:

@@ -3,6 +3,7 @@ exit code 2, and no engine start."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -117,7 +118,7 @@ def test_unreadable_file(tiny_model, clips, tmp_path):
 
 
 def test_modelscope_requested_but_missing(clips, monkeypatch, capsys):
-    if tool.importlib_find_spec("modelscope") is not None:
+    if importlib.util.find_spec("modelscope") is not None:
         pytest.fail("this check needs an environment without modelscope")
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "True")
     err = error_of(["--audio", clips["a.wav"]], capsys)
