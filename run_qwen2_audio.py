@@ -18,7 +18,9 @@ results -> report.
 
 Exit codes: 0 all requests answered; 1 a batch finished but some requests
 failed (see their error records); 2 bad input or configuration (one line on
-stderr says which input and how to fix it); 130/143 interrupted (resumable).
+stderr says which input and how to fix it); 74 the output could not be written
+(disk full: results before it are intact, resumable); 130/143 interrupted by
+SIGINT/SIGTERM (resumable).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import time
 import urllib.error
@@ -111,6 +114,7 @@ SPECIAL_TOKENS = (
 )
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OUTPUT_FAILED = 74  # EX_IOERR from sysexits.h
 
 
 class InputError(Exception):
@@ -119,6 +123,20 @@ class InputError(Exception):
     def __init__(self, message: str, kind: str = "input_error") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class OutputError(Exception):
+    """The results could not be written (disk full, closed pipe...)."""
+
+
+def printable(text: str) -> str:
+    """text that can be written as UTF-8: a file name's undecodable bytes
+    (which Python keeps as lone surrogates) become a visible \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------
@@ -337,7 +355,7 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
         if key in item and not isinstance(item[key], str):
             raise InputError(f'{where} (id {request_id}): "{key}" must be a string')
     return AudioRequest(
-        id=request_id,
+        id=printable(request_id),
         audio=[resolve_source(a, base_dir, where) for a in audio],
         question=item.get("question"),
         system_prompt=item.get("system_prompt"),
@@ -396,7 +414,7 @@ def scan_audio_dir(directory: Path) -> list[AudioRequest]:
         for name in sorted(files):
             if name.lower().endswith(AUDIO_EXTENSIONS):
                 path = Path(root) / name
-                request_id = path.relative_to(directory).as_posix()
+                request_id = printable(path.relative_to(directory).as_posix())
                 requests.append(AudioRequest(id=request_id, audio=[str(path)]))
     if not requests:
         raise InputError(
@@ -567,10 +585,12 @@ def open_audio_source(source: str, options: Options) -> tuple[Any, str]:
 
 
 def decode_to_16k_mono(handle: Any, name: str) -> Clip:
-    """Decode, downmix and resample block by block.
+    """Decode, downmix and resample block by block into one array.
 
-    Streaming keeps a 2-hour 96 kHz file from ever being held in memory at
-    its original rate and channel count: only the 16 kHz mono result is.
+    A 2-hour 96 kHz 8-channel file is never held at its original rate and
+    channel count, and the 16 kHz mono result is held once: blocks go
+    straight into an array sized from the header, not into a list that is
+    concatenated at the end (which would need twice the memory).
     """
     import soundfile
     import soxr
@@ -581,20 +601,41 @@ def decode_to_16k_mono(handle: Any, name: str) -> Clip:
             resampler = None
             if rate != SAMPLE_RATE:
                 resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-            pieces = []
+            samples = SampleBuffer(math.ceil(sound.frames * SAMPLE_RATE / rate) + 64)
             for block in sound.blocks(blocksize=rate * 10, dtype="float32", always_2d=True):
                 mono = block.mean(axis=1, dtype=np.float32)
-                if resampler is not None:
-                    mono = resampler.resample_chunk(mono)
-                pieces.append(mono)
+                samples.append(mono if resampler is None else resampler.resample_chunk(mono))
             if resampler is not None:
-                pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+                samples.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     except soundfile.LibsndfileError as exc:
         return decode_with_librosa(handle, name, str(exc))
     except RuntimeError as exc:
         return decode_with_librosa(handle, name, str(exc))
-    samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    return Clip(name, np.ascontiguousarray(samples, np.float32), rate, channels)
+    return Clip(name, samples.result(), rate, channels)
+
+
+MAX_PREALLOCATED_SAMPLES = 4 * 3600 * SAMPLE_RATE
+
+
+class SampleBuffer:
+    """A float32 array filled block by block; grows only if the header's
+    frame count was short (some mp3/ogg headers are estimates)."""
+
+    def __init__(self, expected: int) -> None:
+        # np.empty only reserves address space; pages a short file never
+        # fills are never touched. The cap keeps a lying header harmless.
+        self.array = np.empty(max(0, min(expected, MAX_PREALLOCATED_SAMPLES)), np.float32)
+        self.size = 0
+
+    def append(self, block: np.ndarray) -> None:
+        end = self.size + len(block)
+        if end > len(self.array):
+            self.array = np.resize(self.array, max(end, 2 * len(self.array)))
+        self.array[self.size : end] = block
+        self.size = end
+
+    def result(self) -> np.ndarray:
+        return self.array[: self.size]
 
 
 def decode_with_librosa(handle: Any, name: str, first_error: str) -> Clip:
@@ -933,7 +974,7 @@ def result_record(
     request = prepared.request
     record: dict[str, Any] = {
         "id": request.id,
-        "audio": request.audio,
+        "audio": [printable(a) for a in request.audio],
         "prompt": prepared.prompt,
         "answer": answers[0],
         "answers": answers,
@@ -950,7 +991,7 @@ def result_record(
     if len(parts) > 1:
         record["segments"] = parts
     if prepared.warnings:
-        record["warnings"] = prepared.warnings
+        record["warnings"] = [printable(w) for w in prepared.warnings]
     return record
 
 
@@ -958,42 +999,91 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
     assert prepared.error is not None
     return {
         "id": prepared.request.id,
-        "audio": prepared.request.audio,
-        "error": {"type": prepared.error.kind, "message": str(prepared.error)},
+        "audio": [printable(a) for a in prepared.request.audio],
+        "error": {"type": prepared.error.kind, "message": printable(str(prepared.error))},
     }
 
 
 class ResultWriter:
-    """One writer per output format; jsonl streams, json and text at close."""
+    """One writer per output format; jsonl streams, json and text at close.
 
-    def __init__(self, stream: TextIO, fmt: str, single: bool) -> None:
-        self.stream, self.fmt, self.single = stream, fmt, single
+    A failed write (disk full) raises OutputError and leaves the file as it
+    was after the last complete record: no torn line, nothing lost before it.
+    """
+
+    def __init__(self, stream: TextIO, fmt: str, single: bool, name: str = "stdout") -> None:
+        self.stream, self.fmt, self.single, self.name = stream, fmt, single, name
         self.records: list[dict[str, Any]] = []
+        self.written = 0
+        self.failed = False
+        self.fd = file_descriptor(stream)
+        regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.good_size = os.fstat(self.fd).st_size if regular else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
-            # One write per complete line, flushed: a kill leaves at most one
-            # torn last line, which --resume detects and drops.
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.stream.flush()
+            self.append(json.dumps(record, ensure_ascii=False) + "\n")
         elif self.fmt == "text":
             self.write_text(record)
         else:
             self.records.append(record)
+        self.written += 1
+
+    def append(self, text: str) -> None:
+        """One record, straight to the file: a kill leaves at most one torn
+        last line (which --resume drops), a failed write leaves none."""
+        if self.fd is None:
+            self.guarded(lambda: (self.stream.write(text), self.stream.flush()))
+            return
+        data = text.encode("utf-8", "backslashreplace")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            if self.good_size is not None:
+                os.ftruncate(self.fd, self.good_size)
+            self.fail(exc)
+        if self.good_size is not None:
+            self.good_size += len(data)
 
     def write_text(self, record: dict[str, Any]) -> None:
         if "error" in record:
             return  # errors go to stderr as they happen
-        for answer in record["answers"]:
-            prefix = "" if self.single else f"{record['id']}\t"
-            self.stream.write(f"{prefix}{answer}\n")
-        self.stream.flush()
+        prefix = "" if self.single else f"{record['id']}\t"
+        lines = "".join(f"{prefix}{answer}\n" for answer in record["answers"])
+        self.guarded(lambda: (self.stream.write(lines), self.stream.flush()))
 
     def close(self) -> None:
+        if self.failed:
+            return
         if self.fmt == "json":
-            json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
-            self.stream.write("\n")
-        self.stream.flush()
+            text = json.dumps(self.records, ensure_ascii=False, indent=2) + "\n"
+            self.guarded(lambda: self.stream.write(text))
+        self.guarded(self.stream.flush)
+
+    def guarded(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except OSError as exc:
+            self.fail(exc)
+
+    def fail(self, exc: OSError) -> None:
+        self.failed = True
+        kept = (
+            f"the {self.written} result(s) written before it are intact"
+            if self.written
+            else "no result was written"
+        )
+        resume = "; free space, then rerun with --resume" if self.name != "stdout" else ""
+        raise OutputError(f"{self.name}: write failed ({exc.strerror or exc}); {kept}{resume}")
+
+
+def file_descriptor(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 def choose_output_format(args: argparse.Namespace) -> str:
@@ -1114,6 +1204,9 @@ def chunked(items: Sequence[AudioRequest], size: int) -> Iterator[list[AudioRequ
         yield list(items[start : start + size])
 
 
+MAX_PROMPTS_PER_GENERATE = 64
+
+
 def generate_chunk(
     llm: Any, prepared: list[PreparedRequest], sampling_params: Any
 ) -> Iterator[dict[str, Any]]:
@@ -1121,7 +1214,12 @@ def generate_chunk(
     runnable = [p for p in prepared if p.error is None]
     inputs = [i for p in runnable for i in p.engine_inputs()]
     started = time.perf_counter()
-    outputs = llm.generate(inputs, sampling_params=sampling_params, use_tqdm=False)
+    outputs = []
+    # At most MAX_PROMPTS_PER_GENERATE prompts per call: a 2-hour recording is
+    # hundreds of segments, and the engine holds features for all it is given.
+    for start in range(0, len(inputs), MAX_PROMPTS_PER_GENERATE):
+        batch = inputs[start : start + MAX_PROMPTS_PER_GENERATE]
+        outputs += llm.generate(batch, sampling_params=sampling_params, use_tqdm=False)
     elapsed = time.perf_counter() - started
     position = 0
     by_request = {}
@@ -1409,21 +1507,33 @@ def open_output(args: argparse.Namespace, fmt: str) -> tuple[TextIO, set[str]]:
         return sys.stdout, set()
     if args.resume and fmt != "jsonl":
         raise InputError(f"--resume: --output {args.output} must be jsonl to resume")
+    regular = not args.output.exists() or args.output.is_file()
+    if args.resume and not regular:
+        raise InputError(f"--resume: --output {args.output} is not a regular file")
     try:
         # Append mode, then lock, then truncate: opening with "w" would wipe
         # the results of a run that holds the lock.
-        stream = open(args.output, "a", encoding="utf-8")
+        stream = open(args.output, "a", encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
         raise InputError(f"--output {args.output}: cannot write it ({exc.strerror})")
     lock_output(stream, args.output)
-    if not args.resume:
+    if not args.resume and regular:  # devices and pipes cannot be truncated
         stream.truncate(0)
     finished = read_finished_ids(args.output, args.retry_errors) if args.resume else set()
     if args.resume:  # read_finished_ids may have replaced the file
         stream.close()
-        stream = open(args.output, "a", encoding="utf-8")
+        stream = open(args.output, "a", encoding="utf-8", errors="backslashreplace")
         lock_output(stream, args.output)
     return stream, finished
+
+
+def close_output(stream: TextIO) -> None:
+    if stream is sys.stdout:
+        return
+    try:
+        stream.close()
+    except OSError:
+        pass  # the writer already reported the failed write
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1444,7 +1554,9 @@ def run(args: argparse.Namespace) -> int:
     report = RunReport(requests=len(requests))
     todo = [r for r in requests if r.id not in finished]
     report.skipped = len(requests) - len(todo)
-    writer = ResultWriter(stream, fmt, single)
+    writer = ResultWriter(
+        stream, fmt, single, f"--output {args.output}" if args.output else "stdout"
+    )
     count_tokens = load_tokenizer_counter(args.model, args.trust_remote_code)
     sampling_params = build_sampling_params(args)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.decode_workers) + 1) as pool:
@@ -1467,7 +1579,7 @@ def run(args: argparse.Namespace) -> int:
             first_chunk = pool.submit(lambda: [f.result() for f in futures])
         if not todo:
             log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
-            stream.close()
+            close_output(stream)
             return EXIT_OK
         started = time.perf_counter()
         llm = start_engine(engine_kwargs)
@@ -1489,9 +1601,10 @@ def run(args: argparse.Namespace) -> int:
                 progress,
             )
         finally:
-            writer.close()
-            if stream is not sys.stdout:
-                stream.close()
+            try:
+                writer.close()
+            finally:
+                close_output(stream)
             report.wall_seconds = time.perf_counter() - wall_started
             if not single:
                 for line in report.lines():
@@ -1513,6 +1626,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
+    except OutputError as exc:
+        log(f"error: {exc}")
+        silence_stdout()
+        return EXIT_OUTPUT_FAILED
     except (KeyboardInterrupt, Interrupted) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
         hint = (
@@ -1520,6 +1637,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(f"interrupted by {name}: results written so far are kept{hint}")
         return 130 if name == "SIGINT" else 143
+
+
+def silence_stdout() -> None:
+    # Python flushes stdout once more at exit; if stdout is the full disk that
+    # would fail again and turn exit code 74 into 120.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
-from conftest import CPU_ENGINE_FLAGS, load_json_output, run_script
+from conftest import CPU_ENGINE_FLAGS, USER_PROCESS_LAYOUT, load_json_output, run_script
 from reference import transformers_greedy_ids
 from transformers import AutoTokenizer
 
@@ -98,12 +98,13 @@ def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache):
 
 def test_tutorial_defaults_print_only_the_answer(tiny_model, demo_assets_cache):
     """No flags but the model: two demo clips, tutorial sampling, text on
-    stdout and every log line on stderr."""
+    stdout and every log line on stderr, with vLLM's engine core in its own
+    process as users run it."""
     result = run_script(
         "--model",
         tiny_model,
         *CPU_ENGINE_FLAGS,
-        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
+        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache), **USER_PROCESS_LAYOUT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = result.stdout.rstrip("\n")
