@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import importlib.util
@@ -37,6 +38,7 @@ import os
 import signal
 import stat
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -574,86 +576,108 @@ def open_audio_source(source: str, options: Options) -> tuple[Any, str]:
     except FileNotFoundError:
         raise InputError(f"audio {source}: no such file; check the path")
     except OSError as exc:
-        raise InputError(f"audio {source}: cannot open it ({exc.strerror})")
+        raise InputError(f"audio {source}: cannot open it ({exc.strerror}); fix the path or link")
     if path.is_dir():
         raise InputError(f"audio {source}: is a directory; pass files, or use --audio-dir")
     if not os.access(path, os.R_OK):
         raise InputError(f"audio {source}: permission denied; make it readable")
     if info.st_size == 0:
-        raise InputError(f"audio {source}: empty file (0 bytes)")
-    return source, source
+        raise InputError(f"audio {source}: empty file (0 bytes); copy or export it again")
+    # Bytes, not str: libsndfile gets the name's exact bytes, so file names
+    # that are not valid UTF-8 (Latin-1 archives) open too.
+    return os.fsencode(source), source
 
 
 def decode_to_16k_mono(handle: Any, name: str) -> Clip:
     """Decode, downmix and resample block by block into one array.
 
     A 2-hour 96 kHz 8-channel file is never held at its original rate and
-    channel count, and the 16 kHz mono result is held once: blocks go
-    straight into an array sized from the header, not into a list that is
-    concatenated at the end (which would need twice the memory).
+    channel count, and the 16 kHz mono result is held once (see Mono16k).
     """
     import soundfile
-    import soxr
 
     try:
         with soundfile.SoundFile(handle) as sound:
-            rate, channels = sound.samplerate, sound.channels
-            resampler = None
-            if rate != SAMPLE_RATE:
-                resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-            samples = SampleBuffer(math.ceil(sound.frames * SAMPLE_RATE / rate) + 64)
-            for block in sound.blocks(blocksize=rate * 10, dtype="float32", always_2d=True):
-                mono = block.mean(axis=1, dtype=np.float32)
-                samples.append(mono if resampler is None else resampler.resample_chunk(mono))
-            if resampler is not None:
-                samples.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    except soundfile.LibsndfileError as exc:
-        return decode_with_librosa(handle, name, str(exc))
-    except RuntimeError as exc:
-        return decode_with_librosa(handle, name, str(exc))
-    return Clip(name, samples.result(), rate, channels)
+            out = Mono16k(sound.samplerate, sound.frames)
+            blocks = sound.blocks(blocksize=sound.samplerate * 10, dtype="float32", always_2d=True)
+            for block in blocks:
+                out.add(block)
+            return Clip(name, out.finish(), sound.samplerate, sound.channels)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        return decode_with_audioread(handle, name, str(exc))
 
 
-MAX_PREALLOCATED_SAMPLES = 4 * 3600 * SAMPLE_RATE
+def decode_with_audioread(handle: Any, name: str, first_error: str) -> Clip:
+    """What libsndfile cannot read (m4a, aac...) through audioread (ffmpeg).
 
+    audioread rather than librosa.load: librosa imports numba/llvmlite, and
+    llvmlite imported while vLLM's CPU engine starts breaks its kernel setup.
+    """
+    import audioread
 
-class SampleBuffer:
-    """A float32 array filled block by block; grows only if the header's
-    frame count was short (some mp3/ogg headers are estimates)."""
-
-    def __init__(self, expected: int) -> None:
-        # np.empty only reserves address space; pages a short file never
-        # fills are never touched. The cap keeps a lying header harmless.
-        self.array = np.empty(max(0, min(expected, MAX_PREALLOCATED_SAMPLES)), np.float32)
-        self.size = 0
-
-    def append(self, block: np.ndarray) -> None:
-        end = self.size + len(block)
-        if end > len(self.array):
-            self.array = np.resize(self.array, max(end, 2 * len(self.array)))
-        self.array[self.size : end] = block
-        self.size = end
-
-    def result(self) -> np.ndarray:
-        return self.array[: self.size]
-
-
-def decode_with_librosa(handle: Any, name: str, first_error: str) -> Clip:
-    """Formats libsndfile cannot read (m4a, some mp3s) via librosa/audioread."""
     try:
-        import librosa
-
-        if isinstance(handle, io.BytesIO):
-            handle.seek(0)
-        samples, rate = librosa.load(handle, sr=SAMPLE_RATE, mono=True)
-    except Exception as exc:
+        with contextlib.ExitStack() as stack:
+            if isinstance(handle, io.BytesIO):  # a download: audioread needs a path
+                temporary = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".audio"))
+                temporary.write(handle.getvalue())
+                temporary.flush()
+                handle = temporary.name
+            source = stack.enter_context(audioread.audio_open(os.fsdecode(handle)))
+            rate, channels = source.samplerate, source.channels
+            out = Mono16k(rate, int(source.duration * rate))
+            for chunk in source:  # interleaved 16-bit little-endian PCM
+                pcm = np.frombuffer(chunk, "<i2").astype(np.float32) / 32768.0
+                out.add(pcm.reshape(-1, channels))
+            return Clip(name, out.finish(), rate, channels)
+    except Exception as exc:  # audioread raises a different type per backend
         detail = first_error.splitlines()[0] if first_error else str(exc)
         raise InputError(
             f"audio {name}: cannot decode it as audio ({detail}); convert it, "
             f"e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav",
             kind="audio_decode_error",
         )
-    return Clip(name, samples.astype(np.float32), int(rate), 1)
+
+
+MAX_PREALLOCATED_SAMPLES = 4 * 3600 * SAMPLE_RATE
+
+
+class Mono16k:
+    """Blocks of (frames, channels) audio in, one 16 kHz mono array out.
+
+    The array is sized from the header's frame count and filled in place, not
+    collected in a list and concatenated (which needs twice the memory); it
+    grows only if the header was short (some mp3/ogg headers are estimates).
+    """
+
+    def __init__(self, rate: int, frames: int) -> None:
+        import soxr
+
+        self.resampler = None
+        if rate != SAMPLE_RATE:
+            self.resampler = soxr.ResampleStream(
+                rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"
+            )
+        expected = math.ceil(max(frames, 0) * SAMPLE_RATE / rate) + 64
+        # np.empty only reserves address space: pages a short file never fills
+        # are never touched. The cap keeps a lying header harmless.
+        self.array = np.empty(min(expected, MAX_PREALLOCATED_SAMPLES), np.float32)
+        self.size = 0
+
+    def add(self, block: np.ndarray) -> None:
+        mono = block.mean(axis=1, dtype=np.float32)
+        self.append(mono if self.resampler is None else self.resampler.resample_chunk(mono))
+
+    def append(self, mono: np.ndarray) -> None:
+        end = self.size + len(mono)
+        if end > len(self.array):
+            self.array = np.resize(self.array, max(end, 2 * len(self.array)))
+        self.array[self.size : end] = mono
+        self.size = end
+
+    def finish(self) -> np.ndarray:
+        if self.resampler is not None:
+            self.append(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        return self.array[: self.size]
 
 
 def check_clip(clip: Clip) -> None:
