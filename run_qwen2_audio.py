@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import importlib.util
 import io
 import json
@@ -129,6 +130,45 @@ class InputError(Exception):
 
 class OutputError(Exception):
     """The results could not be written (disk full, closed pipe...)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM. A BaseException, like KeyboardInterrupt, so that
+    vLLM's `except Exception` handlers pass it on instead of wrapping it."""
+
+
+class StopSignals:
+    """SIGINT/SIGTERM stop the run by raising Interrupted, except while a
+    record is being written: then the record is finished first, so a stop
+    never leaves a torn line."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: str | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.deferring:
+            self.pending = name
+            return
+        raise Interrupted(name)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise Interrupted(self.pending)
+
+
+STOP_SIGNALS = StopSignals()
 
 
 def printable(text: str) -> str:
@@ -1045,13 +1085,14 @@ class ResultWriter:
         self.good_size = os.fstat(self.fd).st_size if regular else None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.fmt == "jsonl":
-            self.append(json.dumps(record, ensure_ascii=False) + "\n")
-        elif self.fmt == "text":
-            self.write_text(record)
-        else:
-            self.records.append(record)
-        self.written += 1
+        with STOP_SIGNALS.deferred():  # Ctrl-C waits for the line to be whole
+            if self.fmt == "jsonl":
+                self.append(json.dumps(record, ensure_ascii=False) + "\n")
+            elif self.fmt == "text":
+                self.write_text(record)
+            else:
+                self.records.append(record)
+            self.written += 1
 
     def append(self, text: str) -> None:
         """One record, straight to the file: a kill leaves at most one torn
@@ -1255,14 +1296,6 @@ def generate_chunk(
             yield error_record(p)
         else:
             yield result_record(p, by_request[id(p)], elapsed)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_batch(
@@ -1639,28 +1672,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the slow vLLM import: Ctrl-C or a scheduler's SIGTERM at any
+    # moment ends with whole lines in the output and a resume hint.
+    STOP_SIGNALS.install()
     set_environment_defaults()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # SIGINT already raises KeyboardInterrupt; SIGTERM (schedulers, `kill`)
-    # should stop just as cleanly: flushed output, a resume hint.
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return run(args)
     except InputError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except OutputError as exc:
-        log(f"error: {exc}")
         silence_stdout()
-        return EXIT_OUTPUT_FAILED
+        message, code = f"error: {exc}", EXIT_OUTPUT_FAILED
     except (KeyboardInterrupt, Interrupted) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        hint = (
-            f"; rerun the same command with --resume to finish {args.output}" if args.output else ""
-        )
-        log(f"interrupted by {name}: results written so far are kept{hint}")
-        return 130 if name == "SIGINT" else 143
+        output = args.output if args is not None else None
+        hint = f"; rerun the same command with --resume to finish {output}" if output else ""
+        message = f"interrupted by {name}: results written so far are kept{hint}"
+        code = 128 + signal.Signals[name].value  # the shell's convention: 130, 143
+    # Out of the except block the traceback no longer holds the engine: shut
+    # it down now, so that vLLM's shutdown logs come before our last line.
+    gc.collect()
+    log(message)
+    return code
 
 
 def silence_stdout() -> None:

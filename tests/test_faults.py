@@ -1,0 +1,262 @@
+"""Faults in a real-engine batch run: SIGKILL at random moments, SIGTERM and
+SIGINT, a full disk. Whatever happens, the output holds only complete JSON
+lines, and resuming ends with every id exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+from conftest import CPU_ENGINE_FLAGS, CPU_ENV, ROOT, SCRIPT, USER_PROCESS_LAYOUT, tone
+
+import run_qwen2_audio as tool
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+KILLS = 10
+# FAULT_SEED=n replays a failed run's kill moments (the seed is in the message).
+SEED = int(os.environ.get("FAULT_SEED", random.SystemRandom().randrange(10**6)))
+
+
+def make_manifest(folder: Path, count: int) -> list[str]:
+    lines = []
+    for i in range(count):
+        soundfile.write(folder / f"c{i:02d}.wav", tone(1 + i % 2, 16000, 200 + 30 * i), 16000)
+        lines.append({"id": f"c{i:02d}", "audio": f"c{i:02d}.wav"})
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE" + b"\x00" * 64)
+    lines.append({"id": "broken", "audio": "broken.wav"})
+    (folder / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return [x["id"] for x in lines]
+
+
+def batch_argv(
+    folder: Path, model: Path, out: Path, *extra: str, chunk: int = 3, tokens: int = 8
+) -> list[str]:
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        str(model),
+        "--manifest",
+        str(folder / "jobs.jsonl"),
+        "--output",
+        str(out),
+        "--chunk-size",
+        str(chunk),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        str(tokens),
+        "--no-progress",
+        *CPU_ENGINE_FLAGS,
+        *extra,
+    ]
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    # A session of its own: the test can signal the whole process group, as a
+    # terminal's Ctrl-C or a scheduler does, and find any process left behind.
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **CPU_ENV, **(env or {})},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_for_lines(proc: subprocess.Popen, out: Path, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while line_count(out) < count:
+        assert proc.poll() is None, "the run ended before the moment to interrupt it"
+        assert time.monotonic() < deadline, f"no {count} records within {timeout} s"
+        time.sleep(0.01)
+
+
+def processes_in_session(session: int) -> list[int]:
+    """Live processes of a session (the script's engine workers, say)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            alive.append(int(entry.name))
+    return alive
+
+
+def check_complete_lines(out: Path) -> list[dict]:
+    """Every line of the output is a whole JSON record (nothing torn)."""
+    data = out.read_bytes()
+    assert not data or data.endswith(b"\n"), "last line torn"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, tmp_path):
+    # Long enough (about 17 s to start, 25 s to generate) that ten kills
+    # cannot finish it early.
+    ids = make_manifest(tmp_path, 48)
+    out = tmp_path / "results.jsonl"
+    argv = batch_argv(tmp_path, tiny_model, out, "--resume", chunk=2, tokens=48)
+    rng = random.Random(SEED)
+    seen_mid_run = []
+    for kill in range(KILLS):
+        before = line_count(out)
+        proc = start(argv)
+        started = time.monotonic()
+        if kill % 2 == 0:  # any moment: importing, loading, generating
+            time.sleep(rng.uniform(0.2, 20.0))
+        else:  # a moment inside generation: just after a record landed
+            wait_for_lines(proc, out, before + 1)
+            time.sleep(rng.uniform(0.0, 0.3))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        # A kill inside a write may leave a torn last line; resume drops it.
+        records = read_finished_lines(out)
+        assert len(records) == len(set(records)), f"duplicate after kill {kill} (seed {SEED})"
+        seen_mid_run.append(0 < len(records) < len(ids))
+        print(
+            f"kill {kill + 1}: at {time.monotonic() - started:.1f} s, records "
+            f"{before} -> {len(records)}, torn tail: {line_count(out) > len(records)}"
+        )
+    assert sum(seen_mid_run) >= KILLS // 2, f"kills did not land mid-run (seed {SEED})"
+
+    final = subprocess.run(
+        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
+    )
+    assert final.returncode in (0, 1), final.stderr.decode()[-3000:]
+    records = check_complete_lines(out)
+    assert sorted(r["id"] for r in records) == sorted(ids), f"seed {SEED}"
+    assert {r["id"] for r in records if "error" in r} == {"broken"}
+
+
+def read_finished_lines(out: Path) -> list[str]:
+    """Ids of the complete records, as --resume will count them."""
+    ids = []
+    for line in out.read_bytes().splitlines() if out.exists() else []:
+        try:
+            ids.append(json.loads(line)["id"])
+        except ValueError:
+            pass  # the torn tail of a killed write
+    return ids
+
+
+def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path):
+    ids = make_manifest(tmp_path, 12)
+    out = tmp_path / "results.jsonl"
+
+    # SIGTERM to the script alone, as `kill PID` or a scheduler's stop sends
+    # it, with vLLM's engine core in its own process as users run it.
+    proc = start(batch_argv(tmp_path, tiny_model, out), USER_PROCESS_LAYOUT)
+    wait_for_lines(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted by SIGTERM: results written so far are kept; "
+        f"rerun the same command with --resume to finish {out}"
+    )
+    assert processes_in_session(proc.pid) == [], "engine processes left running"
+    after_term = check_complete_lines(out)
+    assert 2 <= len(after_term) < len(ids)
+
+    # Ctrl-C: SIGINT to the whole process group.
+    proc = start(batch_argv(tmp_path, tiny_model, out, "--resume"))
+    wait_for_lines(proc, out, len(after_term) + 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted by SIGINT" in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    after_int = check_complete_lines(out)
+    assert len(after_term) < len(after_int) < len(ids)
+
+    final = subprocess.run(
+        batch_argv(tmp_path, tiny_model, out, "--resume"),
+        env={**os.environ, **CPU_ENV},
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
+    # 0: the requests of this run all succeeded ("broken" sorts first and
+    # already has its error record from the first run).
+    assert final.returncode == 0, final.stderr.decode()[-3000:]
+    records = check_complete_lines(out)
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    assert [r["id"] for r in records if "error" in r] == ["broken"]
+    assert records[: len(after_int)] == after_int  # what was written stays as it was
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: a real disk that fills up (ENOSPC)."""
+    mount_point = tmp_path / "tiny-fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    assert mounted.returncode == 0, (
+        "the disk-full test mounts a 64 KiB tmpfs and needs root: " + mounted.stderr.decode()
+    )
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
+    tiny_model, tmp_path, tiny_filesystem
+):
+    ids = make_manifest(tmp_path, 16)
+    filler = tiny_filesystem / "filler"
+    filler.write_bytes(b"\x00" * (60 * 1024))  # leaves 4 KiB: a few records
+    out = tiny_filesystem / "results.jsonl"
+    argv = batch_argv(tmp_path, tiny_model, out, "--resume")
+
+    full = subprocess.run(
+        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
+    )
+    stderr = full.stderr.decode()
+    assert full.returncode == 74, stderr[-3000:]
+    written = check_complete_lines(out)  # intact: no torn line at the end
+    assert 0 < len(written) < len(ids)
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: --output {out}: write failed (No space left on device); the "
+        f"{len(written)} result(s) written before it are intact; free space, "
+        "then rerun with --resume"
+    )
+
+    filler.unlink()
+    resumed = subprocess.run(
+        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    records = check_complete_lines(out)
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    assert records[: len(written)] == written
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "text"])
+def test_dev_full_is_an_output_error_in_every_format(fmt):
+    record = {"id": "x", "answers": ["hi"], "answer": "hi"}
+    stream = open("/dev/full", "a", encoding="utf-8")
+    writer = tool.ResultWriter(stream, fmt, single=True, name="--output /dev/full")
+    with pytest.raises(tool.OutputError) as raised:
+        writer.write(record)
+        writer.close()
+    tool.close_output(stream)  # what the run does next: no second error
+    assert str(raised.value).startswith(
+        "--output /dev/full: write failed (No space left on device)"
+    )
