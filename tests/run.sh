@@ -20,4 +20,5 @@ fi
 "$VENV/bin/ruff" check run_qwen2_audio.py tests
 "$VENV/bin/ruff" format --check run_qwen2_audio.py tests
 "$VENV/bin/hadolint" Dockerfile
-"$VENV/bin/python" -m pytest "$@"
+# Two workers on two cores: engine start-up is mostly single-threaded imports.
+"$VENV/bin/python" -m pytest -n auto --maxprocesses 4 "$@"
