@@ -45,7 +45,7 @@ def write_manifest(path: Path, clips: list[Path]) -> Path:
     return path
 
 
-def engine_contenders(model: Path, clips: list[Path]) -> dict[str, float]:
+def engine_contenders(model: Path, clips: list[Path], *flags: str) -> dict[str, float]:
     """clips/s: one generate for all (batch) vs one generate per clip (tutorial)."""
     args = tool.build_parser().parse_args(
         [
@@ -56,6 +56,7 @@ def engine_contenders(model: Path, clips: list[Path]) -> dict[str, float]:
             "--max-tokens",
             str(MAX_TOKENS),
             *CPU_ENGINE_FLAGS,
+            *flags,
         ]
     )
     options = tool.options_from_args(args)
@@ -74,6 +75,17 @@ def engine_contenders(model: Path, clips: list[Path]) -> dict[str, float]:
     single_rate = len(clips) / (time.perf_counter() - started)
     assert [r["token_ids"] for r in batch] == [r["token_ids"] for r in single]
     return {"batch": batch_rate, "tutorial": single_rate}
+
+
+def engine_contenders_in_child(model: Path, clips: list[Path], *flags: str) -> dict[str, float]:
+    """engine_contenders in a fresh process: one engine per process, as users run it."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--engine-child", str(model), str(clips[0].parent), *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def transformers_loop(model: Path, clips: list[Path]) -> float:
@@ -144,7 +156,12 @@ def main() -> None:
     model = build_tiny_qwen2_audio(folder / "model")
     (folder / "clips64").mkdir()
     clips = make_clips(folder / "clips64", CLIPS, CLIP_SECONDS)
-    rates = engine_contenders(model, clips)
+    rates = engine_contenders_in_child(model, clips)
+    # The tutorial's max_num_seqs 5 is an NPU memory limit, not a batching
+    # choice: a batch user with memory to spare raises it.
+    rates["batch, --max-num-seqs 64"] = engine_contenders_in_child(
+        model, clips, "--max-num-seqs", "64"
+    )["batch"]
     rates["transformers"] = transformers_loop(model, clips)
 
     run64 = script_run(model, write_manifest(folder / "m64.jsonl", clips), folder, MAX_TOKENS)
@@ -162,10 +179,12 @@ def main() -> None:
     decode = {t: decode_rate(flacs, t) for t in (1, 2)}
 
     print(f"\n## {CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens (tiny model, CPU)")
-    print("| contender | clips/s | batch mode is |")
-    print("| --- | --- | --- |")
-    for name in ("batch", "tutorial", "transformers"):
-        print(f"| {name} | {rates[name]:.2f} | {rates['batch'] / rates[name]:.2f}x |")
+    print("| contender | clips/s | batch is | batch, --max-num-seqs 64 is |")
+    print("| --- | --- | --- | --- |")
+    wide = rates["batch, --max-num-seqs 64"]
+    for name in ("batch", "batch, --max-num-seqs 64", "tutorial", "transformers"):
+        rate = rates[name]
+        print(f"| {name} | {rate:.2f} | {rates['batch'] / rate:.2f}x | {wide / rate:.2f}x |")
     print(f"\n## stages, script on a {CLIPS}-request manifest")
     for key in (
         "wall_seconds",
@@ -188,4 +207,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--engine-child"]:
+        tool.set_environment_defaults()
+        child_model, child_clips, *child_flags = sys.argv[2:]
+        paths = sorted(Path(child_clips).glob("*.wav"))
+        print(json.dumps(engine_contenders(Path(child_model), paths, *child_flags)))
+    else:
+        main()
