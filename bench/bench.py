@@ -24,6 +24,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.update({"VLLM_USE_MODELSCOPE": "False", "VLLM_CPU_KVCACHE_SPACE": "1"})
 
 from conftest import CPU_ENGINE_FLAGS, chirp, tone  # noqa: E402
+
+# conftest puts vLLM's engine core into the calling process (as the tests
+# run it); BENCH_ENGINE_PROCESS=1 measures vLLM's default layout instead.
+LAYOUT = os.environ.get("BENCH_ENGINE_PROCESS", "0")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = LAYOUT
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
 
 import run_qwen2_audio as tool  # noqa: E402
@@ -179,6 +184,7 @@ def main() -> None:
     decode = {t: decode_rate(flacs, t) for t in (1, 2)}
 
     print(f"\n## {CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens (tiny model, CPU)")
+    print(f"engine core in its own process: {LAYOUT == '1'}")
     print("| contender | clips/s | batch is | batch, --max-num-seqs 64 is |")
     print("| --- | --- | --- | --- |")
     wide = rates["batch, --max-num-seqs 64"]
