@@ -1081,8 +1081,9 @@ class ResultWriter:
         self.written = 0
         self.failed = False
         self.fd = file_descriptor(stream)
-        regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.good_size = os.fstat(self.fd).st_size if regular else None
+        info = os.fstat(self.fd) if self.fd is not None else None
+        # Bytes of whole records in a regular file: a failed write is cut back to it.
+        self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
 
     def write(self, record: dict[str, Any]) -> None:
         with STOP_SIGNALS.deferred():  # Ctrl-C waits for the line to be whole
