@@ -180,10 +180,15 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 143, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] == (
+    # Our line comes after vLLM's shutdown logs; Python's multiprocessing
+    # resource tracker (another process) may still warn after it at exit.
+    lines = stderr.strip().splitlines()
+    message = (
         "interrupted by SIGTERM: results written so far are kept; "
         f"rerun the same command with --resume to finish {out}"
     )
+    assert message in lines
+    assert not any("[shutdown]" in line for line in lines[lines.index(message) :])
     assert session_ends(proc.pid, within=15), "engine processes left running"
     after_term = check_complete_lines(out)
     assert 2 <= len(after_term) < len(ids)
