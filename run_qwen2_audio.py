@@ -45,7 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,8 +58,6 @@ import numpy as np
 # Set before vLLM/torch are imported (they read these once, at import time).
 # A value the user exported always wins.
 ENVIRONMENT_DEFAULTS = {
-    # The tutorial downloads from ModelScope: faster and reachable from China.
-    "VLLM_USE_MODELSCOPE": "True",
     # vllm-ascend >= 0.14 sets this itself; it fixed memory growth with
     # multimodal inputs. The tutorial's older alternative is
     # PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256 (see README).
@@ -70,11 +68,53 @@ ENVIRONMENT_DEFAULTS = {
 }
 
 
-def set_environment_defaults(env: dict[str, str] | None = None) -> None:
-    """Fill in ENVIRONMENT_DEFAULTS without overriding exported values."""
+def set_environment_defaults(model: str = "", env: dict[str, str] | None = None) -> None:
+    """Fill in ENVIRONMENT_DEFAULTS without overriding exported values, and
+    choose the model hub for --model (see choose_model_hub)."""
     env = os.environ if env is None else env
     for key, value in ENVIRONMENT_DEFAULTS.items():
         env.setdefault(key, value)
+    choose_model_hub(model or DEFAULT_MODEL, env)
+
+
+def choose_model_hub(model: str, env: dict[str, str]) -> None:
+    """Settle VLLM_USE_MODELSCOPE before vLLM is imported.
+
+    The tutorial exports VLLM_USE_MODELSCOPE=True, and the vllm-ascend image
+    ships the modelscope package for it; elsewhere that setting makes
+    `import vllm` itself fail. So: the tutorial's ModelScope where the package
+    is installed, Hugging Face where it is not, and neither matters for a
+    local checkpoint directory (a run from one must work either way).
+    """
+    installed = importlib.util.find_spec("modelscope") is not None
+    local = Path(model).expanduser().is_dir()
+    if "VLLM_USE_MODELSCOPE" not in env:
+        env["VLLM_USE_MODELSCOPE"] = "True" if installed and not local else "False"
+    elif uses_modelscope(env) and not installed:
+        if not local:
+            raise InputError(
+                f"--model {model}: VLLM_USE_MODELSCOPE=True but the modelscope package is "
+                "not installed; pip install modelscope, or export VLLM_USE_MODELSCOPE=False "
+                "for the Hugging Face hub, or pass --model DIR"
+            )
+        env["VLLM_USE_MODELSCOPE"] = "False"  # vLLM would refuse to import; no hub is used
+
+
+def uses_modelscope(env: Mapping[str, str] | None = None) -> bool:
+    # vLLM's own parsing: only "true" (any case) means yes.
+    env = os.environ if env is None else env
+    return env.get("VLLM_USE_MODELSCOPE", "False").lower() == "true"
+
+
+def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """What must be known before vLLM (and so the full parser) is imported:
+    the model decides the hub setting, and a missing model is reported in a
+    second rather than after vLLM's import."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--model", default=DEFAULT_MODEL)
+    early.add_argument("--dry-run", action="store_true")
+    early.add_argument("-h", "--help", action="store_true")
+    return early.parse_known_args(argv)[0]
 
 
 # --------------------------------------------------------------------------
@@ -98,12 +138,16 @@ TUTORIAL_QUESTIONS = {
 DEFAULT_QUESTION = "What is said in the audio?"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Engine defaults from the tutorial: safe on one 64 GB NPU (and 32 GB, see README).
+# Engine defaults: the tutorial's limits (safe on one 64 GB NPU, and 32 GB:
+# see README), and the memory fraction vllm-ascend's own CI uses for this
+# model: at vLLM's 0.9x the engine core dies (vllm-ascend issue #4107, fixed
+# in its CI config by PR #4017). A value the user gives always wins.
 ENGINE_DEFAULTS = {
     "model": DEFAULT_MODEL,
     "max_model_len": 4096,
     "max_num_seqs": 5,
     "enforce_eager": True,
+    "gpu_memory_utilization": 0.8,
 }
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
@@ -308,24 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     EngineArgs.add_cli_args(parser)
-    # None = "follow the number of clips" (filled in by resolve_engine_kwargs).
+    # None = "follow the number of clips" (filled in by engine_kwargs).
     parser.set_defaults(**ENGINE_DEFAULTS, limit_mm_per_prompt=None)
     return parser
 
 
 @dataclasses.dataclass
 class Options:
-    """What the pipeline needs from the arguments, validated."""
+    """How requests are read, checked and prompted; every default is the
+    CLI's (a test holds them equal)."""
 
-    question: str | None
-    system_prompt: str
-    allow_special_tokens: bool
-    long_audio: str
-    segment_seconds: float
-    url_timeout: float
-    max_audio_bytes: int
-    max_model_len: int
-    max_tokens: int
+    question: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    allow_special_tokens: bool = False
+    long_audio: str = "split"
+    segment_seconds: float = MAX_CLIP_SECONDS
+    url_timeout: float = 30.0
+    max_audio_bytes: int = 512 * 2**20
+    max_model_len: int = 4096
+    max_tokens: int = 64
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -367,7 +412,12 @@ MANIFEST_KEYS = {"id", "audio", "question", "system_prompt"}
 
 
 def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
-    """Parse one manifest line; raise InputError naming the line."""
+    """Parse one manifest line.
+
+    A line with a usable "id" is a request under that id, carrying an error
+    if the rest of the line is wrong, so that results join back to the
+    manifest by id. A line without one raises InputError naming the line.
+    """
     where = f"manifest line {lineno}"
     try:
         item = json.loads(line)
@@ -375,29 +425,37 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
         raise InputError(f"{where}: not valid JSON ({exc.msg}); fix or remove it")
     if not isinstance(item, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    request_id = item.get("id")
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        request_id = str(request_id)
+    if not isinstance(request_id, str) or not request_id.strip():
+        raise InputError(f'{where}: "id" must be a non-empty string')
+    request_id = printable(request_id)
+    try:
+        return manifest_request(item, request_id, f"{where} (id {request_id})", base_dir)
+    except InputError as exc:
+        return AudioRequest(id=request_id, audio=[], error=exc)
+
+
+def manifest_request(
+    item: dict[str, Any], request_id: str, where: str, base_dir: Path
+) -> AudioRequest:
     unknown = sorted(set(item) - MANIFEST_KEYS)
     if unknown:
         raise InputError(
             f"{where}: unknown key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(MANIFEST_KEYS))}"
         )
-    request_id = item.get("id")
-    if isinstance(request_id, int) and not isinstance(request_id, bool):
-        request_id = str(request_id)
-    if not isinstance(request_id, str) or not request_id.strip():
-        raise InputError(f'{where}: "id" must be a non-empty string')
     audio = item.get("audio")
     if isinstance(audio, str):
         audio = [audio]
     if not isinstance(audio, list) or not audio or not all(isinstance(a, str) and a for a in audio):
-        raise InputError(
-            f'{where} (id {request_id}): "audio" must be a path/URL or a non-empty list of them'
-        )
+        raise InputError(f'{where}: "audio" must be a path/URL or a non-empty list of them')
     for key in ("question", "system_prompt"):
         if key in item and not isinstance(item[key], str):
-            raise InputError(f'{where} (id {request_id}): "{key}" must be a string')
+            raise InputError(f'{where}: "{key}" must be a string')
     return AudioRequest(
-        id=printable(request_id),
+        id=request_id,
         audio=[resolve_source(a, base_dir, where) for a in audio],
         question=item.get("question"),
         system_prompt=item.get("system_prompt"),
@@ -431,6 +489,7 @@ def read_manifest(path: Path) -> list[AudioRequest]:
         line = raw_line.decode("utf-8", errors="replace").strip()
         if not line:
             continue
+        # A line without a usable id (or with a taken one) is named by its place.
         try:
             request = parse_manifest_line(line, lineno, base_dir)
             if request.id in seen:
@@ -589,16 +648,24 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
 
 
 def demo_asset_path(name: str) -> str:
+    from vllm import envs
     from vllm.assets.audio import AudioAsset
 
+    folder = Path(envs.VLLM_ASSETS_CACHE) / "vllm_public_assets"
+    how = (
+        f"pass your own clips with --audio FILE, or put {name}.ogg into {folder}/ "
+        "(VLLM_ASSETS_CACHE moves it)"
+    )
+    if hub_offline() and not (folder / f"{name}.ogg").is_file():
+        raise InputError(
+            f"demo clip {name!r} is not in {folder} and offline mode allows no download; {how}",
+            kind="asset_unavailable",
+        )
     try:
         return str(AudioAsset(name).get_local_path())
     except Exception as exc:  # vLLM raises whatever its HTTP client raised
-        cache = os.environ.get("VLLM_ASSETS_CACHE", "~/.cache/vllm/assets")
         raise InputError(
-            f"demo clip {name!r} could not be downloaded ({type(exc).__name__}); "
-            f"offline? pass your own clips with --audio FILE, or put {name}.ogg "
-            f"into {cache}/vllm_public_assets/ (VLLM_ASSETS_CACHE)",
+            f"demo clip {name!r} could not be downloaded ({type(exc).__name__}); offline? {how}",
             kind="asset_unavailable",
         )
 
@@ -920,15 +987,27 @@ def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
         )
 
 
-def load_tokenizer_counter(model: str, trust_remote_code: bool) -> TokenCounter | None:
-    """A token counter from the model's local tokenizer, or None if not local."""
-    if not Path(model).expanduser().is_dir():
-        return None  # a hub id: the engine downloads it; we count after that
-    from transformers import AutoTokenizer
+def load_tokenizer_counter(model_dir: Path | None, trust_remote_code: bool) -> TokenCounter | None:
+    """A token counter from the checkpoint's tokenizer; None before a
+    download (the engine checks the budget then)."""
+    if model_dir is None:
+        return None
+    from transformers import AutoProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(Path(model).expanduser()), trust_remote_code=trust_remote_code
-    )
+    # The processor, not just the tokenizer: vLLM needs both halves (the
+    # Whisper feature extractor too) and would otherwise fail at engine start.
+    try:
+        processor = AutoProcessor.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
+        tokenizer = processor.tokenizer
+        processor.feature_extractor  # noqa: B018 (raises if it is missing)
+    except (OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"--model {model_dir}: cannot load its tokenizer and audio processor "
+            f"({first[:200]}); copy the whole checkpoint directory"
+        )
     return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -937,31 +1016,145 @@ def load_tokenizer_counter(model: str, trust_remote_code: bool) -> TokenCounter 
 # --------------------------------------------------------------------------
 
 
-def check_model(model: str) -> None:
-    """A path-like --model must exist; a hub id (org/name) is left to vLLM."""
-    looks_like_path = (
-        model.startswith(("/", "./", "../", "~")) or model.count("/") != 1 or Path(model).exists()
+@dataclasses.dataclass
+class ModelSource:
+    """Where --model comes from on this machine."""
+
+    name: str  # what the user gave: a directory or a hub id
+    directory: Path | None = None  # its checkpoint here; None: vLLM downloads it
+    hub_unreachable: str | None = None  # why the engine must use the cached copy
+
+    def for_engine(self) -> str:
+        # With no hub to ask, vLLM would retry for minutes before using its
+        # cache; the cached directory itself needs no hub at all.
+        return str(self.directory) if self.hub_unreachable else self.name
+
+
+def locate_model(model: str) -> ModelSource:
+    """The checkpoint of --model: a directory, or a hub id's copy in the
+    local cache, or a hub that will serve it. Anything else is an InputError
+    now, in a second, instead of a traceback after the engine's retries."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
+    if looks_like_path or path.exists():
+        if not path.is_dir():
+            raise InputError(
+                f"--model {model}: no such directory; give a local checkpoint "
+                f"directory or a hub id such as {DEFAULT_MODEL}"
+            )
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"--model {model}: no config.json in it; point --model at the "
+                "checkpoint directory (the one holding config.json)"
+            )
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise InputError(
+                f"--model {model}: no weights (*.safetensors) in it; copy the whole "
+                "checkpoint directory"
+            )
+        return ModelSource(model, path)
+    cached = cached_snapshot(model)
+    hub, cache, download = hub_facts(model)
+    if hub_offline():
+        if cached is not None:
+            return ModelSource(model, cached)  # vLLM itself resolves it offline
+        problem = "offline mode (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) allows no download"
+    else:
+        problem = hub_unreachable(hub)
+        if problem is None or cached is not None:
+            return ModelSource(model, cached, problem)
+    raise InputError(
+        f"--model {model}: not in the local {hub} cache ({cache}) and {problem}; "
+        f"download it where there is network ({download}) and copy the cache here, "
+        "or pass --model DIR",
+        kind="model_unavailable",
     )
-    if looks_like_path and not Path(model).expanduser().exists():
-        raise InputError(
-            f"--model {model}: no such directory; give a local checkpoint "
-            f"directory or a hub id such as {DEFAULT_MODEL}"
-        )
-    use_modelscope = os.environ.get("VLLM_USE_MODELSCOPE", "").lower() == "true"
-    if use_modelscope and importlib.util.find_spec("modelscope") is None:
-        raise InputError(
-            "VLLM_USE_MODELSCOPE=True but modelscope is not installed: "
-            "pip install modelscope, or export VLLM_USE_MODELSCOPE=False for Hugging Face"
-        )
 
 
-def resolve_engine_kwargs(args: argparse.Namespace, max_clips: int) -> dict[str, Any]:
-    """EngineArgs from the parsed flags, limit_mm_per_prompt following the clips."""
-    from vllm import EngineArgs
+def find_model(model: str, dry_run: bool) -> ModelSource:
+    source = ModelSource(model)
+    try:
+        source = locate_model(model)
+    except InputError as exc:
+        if not dry_run:
+            raise
+        # A dry run plans before the model is here (the published config).
+        log(f"warning: {exc}")
+    if source.hub_unreachable:
+        log(f"note: {source.hub_unreachable}; using the cached copy in {source.directory}")
+    return source
 
-    if args.limit_mm_per_prompt is None:
-        args.limit_mm_per_prompt = {"audio": max(1, max_clips)}
-    allowed = args.limit_mm_per_prompt.get("audio", 0)
+
+def cached_snapshot(model: str) -> Path | None:
+    """A hub id's directory in the local cache, looked up the way vLLM does
+    offline (each hub library knows its own cache layout)."""
+    try:
+        if uses_modelscope():
+            from modelscope.hub.snapshot_download import snapshot_download
+
+            return Path(snapshot_download(model_id=model, local_files_only=True))
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, local_files_only=True))
+    except Exception:  # each hub raises its own "not cached" error
+        return None
+
+
+def hub_facts(model: str) -> tuple[str, str, str]:
+    """(hub name, where its cache is, the command that downloads model)."""
+    if uses_modelscope():
+        cache = os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope")
+        return "ModelScope", cache, f"modelscope download --model {model}"
+    from huggingface_hub import constants
+
+    return "Hugging Face", constants.HF_HUB_CACHE, f"hf download {model}"
+
+
+def hub_offline() -> bool:
+    # What vLLM reads: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, for either hub.
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+HUB_PROBE_SECONDS = 5.0
+
+
+def hub_unreachable(hub: str) -> str | None:
+    """Why the hub cannot be reached, or None if it answers (any HTTP status)."""
+    if hub == "ModelScope":
+        from modelscope.hub.utils.utils import get_endpoint
+
+        endpoint = get_endpoint()
+    else:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    try:
+        request = urllib.request.Request(endpoint, method="HEAD")
+        urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return f"{endpoint} cannot be reached ({reason})"
+    return None
+
+
+def engine_kwargs(
+    model: str = DEFAULT_MODEL, max_clips: int = 1, **engine_flags: Any
+) -> dict[str, Any]:
+    """The keyword arguments for vllm.LLM(...): the tutorial's limits and
+    this tool's NPU defaults (ENGINE_DEFAULTS), limit_mm_per_prompt following
+    the clip count, and engine_flags (EngineArgs field names) over both.
+
+    Only values that differ from vLLM's own defaults are kept: the shortest
+    call that means the same on every vLLM version, and what --dry-run shows.
+    """
+    chosen = {**ENGINE_DEFAULTS, **engine_flags, "model": model}
+    if chosen.get("limit_mm_per_prompt") is None:
+        chosen["limit_mm_per_prompt"] = {"audio": max(1, max_clips)}
+    allowed = chosen["limit_mm_per_prompt"].get("audio", 0)
     if isinstance(allowed, dict):  # newer vLLM: {"audio": {"count": N, ...}}
         allowed = allowed.get("count", 0)
     if max_clips > allowed:
@@ -970,20 +1163,46 @@ def resolve_engine_kwargs(args: argparse.Namespace, max_clips: int) -> dict[str,
             f"{allowed} audio; raise it, e.g. --limit-mm-per-prompt "
             f"'{{\"audio\": {max_clips}}}'"
         )
-    # Only what differs from vLLM's own defaults goes to LLM(...): the shortest
-    # call that means the same on every vLLM version, and what --dry-run shows.
-    engine_args = EngineArgs.from_cli_args(args)
-    baseline = EngineArgs()
+    defaults = vllm_engine_defaults()
+    unknown = sorted(set(chosen) - set(defaults))
+    if unknown:
+        raise TypeError(f"not vLLM engine arguments: {', '.join(unknown)}")
     return {
-        field.name: getattr(engine_args, field.name)
-        for field in dataclasses.fields(EngineArgs)
-        if field.init and differs(getattr(engine_args, field.name), getattr(baseline, field.name))
+        name: value for name, value in chosen.items() if not same_as_default(value, defaults[name])
     }
 
 
-def differs(value: Any, default: Any) -> bool:
+def vllm_engine_defaults() -> dict[str, Any]:
+    """EngineArgs' field defaults, read from the dataclass. An EngineArgs()
+    instance would load plugins and, offline, look up vLLM's default model
+    in the hub cache."""
+    from vllm import EngineArgs
+
+    defaults = {}
+    for field in dataclasses.fields(EngineArgs):
+        if not field.init:
+            continue
+        if field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+        else:
+            defaults[field.name] = None if field.default is dataclasses.MISSING else field.default
+    return defaults
+
+
+def same_as_default(value: Any, default: Any) -> bool:
     # The CLI turns some False/"" defaults into None; those are not choices.
-    return value != default and not (not value and not default)
+    return value == default or (not value and not default)
+
+
+def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed vLLM engine flags, by EngineArgs field name."""
+    from vllm import EngineArgs
+
+    return {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(EngineArgs)
+        if field.init and hasattr(args, field.name)
+    }
 
 
 def build_sampling_params(args: argparse.Namespace) -> Any:
@@ -1073,9 +1292,19 @@ class ResultWriter:
 
     A failed write (disk full) raises OutputError and leaves the file as it
     was after the last complete record: no torn line, nothing lost before it.
+    With replace, an existing file is emptied only when the first result is
+    written (or a run ends complete): a run that fails before answering
+    anything, a typo in a path say, leaves earlier results as they were.
     """
 
-    def __init__(self, stream: TextIO, fmt: str, single: bool, name: str = "stdout") -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        fmt: str,
+        single: bool,
+        name: str = "stdout",
+        replace: bool = False,
+    ) -> None:
         self.stream, self.fmt, self.single, self.name = stream, fmt, single, name
         self.records: list[dict[str, Any]] = []
         self.written = 0
@@ -1084,9 +1313,17 @@ class ResultWriter:
         info = os.fstat(self.fd) if self.fd is not None else None
         # Bytes of whole records in a regular file: a failed write is cut back to it.
         self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
+        self.must_empty = replace and self.good_size is not None
+
+    def empty_once(self) -> None:
+        if self.must_empty:
+            self.must_empty = False
+            self.stream.truncate(0)
+            self.good_size = 0
 
     def write(self, record: dict[str, Any]) -> None:
         with STOP_SIGNALS.deferred():  # Ctrl-C waits for the line to be whole
+            self.empty_once()
             if self.fmt == "jsonl":
                 self.append(json.dumps(record, ensure_ascii=False) + "\n")
             elif self.fmt == "text":
@@ -1120,9 +1357,11 @@ class ResultWriter:
         lines = "".join(f"{prefix}{answer}\n" for answer in record["answers"])
         self.guarded(lambda: (self.stream.write(lines), self.stream.flush()))
 
-    def close(self) -> None:
-        if self.failed:
+    def close(self, complete: bool = True) -> None:
+        """complete: the run answered every request (an empty run included)."""
+        if self.failed or not (complete or self.written):
             return
+        self.empty_once()
         if self.fmt == "json":
             text = json.dumps(self.records, ensure_ascii=False, indent=2) + "\n"
             self.guarded(lambda: self.stream.write(text))
@@ -1361,11 +1600,13 @@ def dry_run(
     args: argparse.Namespace,
     requests: list[AudioRequest],
     options: Options,
-    engine_kwargs: dict[str, Any],
+    llm_kwargs: dict[str, Any],
+    model_dir: Path | None,
 ) -> int:
-    count = load_tokenizer_counter(args.model, args.trust_remote_code)
+    count = load_tokenizer_counter(model_dir, args.trust_remote_code)
     out = sys.stdout
     failed = 0
+    largest_prompt = 0
     for request in requests:
         prepared = prepare_request(request, options, count)
         if prepared.error is not None:
@@ -1378,6 +1619,7 @@ def dry_run(
         for i, seg in enumerate(prepared.segments):
             audio = [audio_token_count(len(s)) for s in seg.clips]
             total = prepared.prompt_tokens[i] if prepared.prompt_tokens else None
+            largest_prompt = max(largest_prompt, total if total is not None else sum(audio))
             out.write(
                 f"# segment {i} [{seg.start_seconds:.2f}-{seg.end_seconds:.2f} s]: "
                 f"audio tokens {audio} (25/s, <= {MAX_AUDIO_TOKENS_PER_CLIP} per clip)"
@@ -1390,10 +1632,15 @@ def dry_run(
                 )
                 + "\n"
             )
-    shown = {k: v for k, v in engine_kwargs.items() if not isinstance(v, dict) or v}
+    shown = {k: v for k, v in llm_kwargs.items() if not isinstance(v, dict) or v}
     out.write("# engine arguments\n")
     out.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
-    for line in memory_estimate_lines(args, engine_kwargs):
+    device = query_device_memory()
+    if device is None and args.device_memory_gb:
+        device = args.device_memory_gb * 2**30
+    request_tokens = largest_prompt + options.max_tokens if largest_prompt else None
+    config = load_model_config(model_dir)
+    for line in memory_estimate_lines(config, llm_kwargs, device, request_tokens):
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
         log(f"{failed} of {len(requests)} request(s) cannot run (errors above)")
@@ -1434,11 +1681,6 @@ class MemoryEstimate:
     parameters: int
     weight_bytes: int
     kv_bytes_per_token: int
-    kv_cache_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes
 
 
 def count_parameters(config: dict[str, Any]) -> int:
@@ -1469,28 +1711,23 @@ def count_parameters(config: dict[str, Any]) -> int:
     return audio + projector + text
 
 
-def estimate_memory(
-    config: dict[str, Any], dtype: str, max_model_len: int, max_num_seqs: int
-) -> MemoryEstimate:
+def estimate_memory(config: dict[str, Any], dtype: str) -> MemoryEstimate:
     size = DTYPE_BYTES.get(dtype, 2)
     t = config["text_config"]
     head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
     kv_heads = t.get("num_key_value_heads", t["num_attention_heads"])
-    # K and V, for every layer and KV head.
-    kv_per_token = t["num_hidden_layers"] * kv_heads * head_dim * 2 * size
     parameters = count_parameters(config)
     return MemoryEstimate(
         parameters=parameters,
         weight_bytes=parameters * size,
-        kv_bytes_per_token=kv_per_token,
-        kv_cache_bytes=kv_per_token * max_model_len * max_num_seqs,
+        # K and V, for every layer and KV head.
+        kv_bytes_per_token=t["num_hidden_layers"] * kv_heads * head_dim * 2 * size,
     )
 
 
-def load_model_config(model: str) -> dict[str, Any]:
-    path = Path(model).expanduser() / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def load_model_config(model_dir: Path | None) -> dict[str, Any]:
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        return json.loads((model_dir / "config.json").read_text())
     return QWEN2_AUDIO_7B_CONFIG
 
 
@@ -1515,39 +1752,79 @@ def query_device_memory() -> float | None:
     return None
 
 
-def memory_estimate_lines(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> list[str]:
-    config = load_model_config(args.model)
-    dtype = str(engine_kwargs.get("dtype", "auto"))
+def memory_estimate_lines(
+    config: dict[str, Any],
+    llm_kwargs: dict[str, Any],
+    device_bytes: float | None,
+    request_tokens: int | None,
+) -> list[str]:
+    """The weight and KV-cache arithmetic, judged by vLLM's own rules.
+
+    vLLM gives the KV cache what is left of device x gpu_memory_utilization
+    after the weights (and the activations it measures at start-up, which are
+    not counted here). It starts if that holds ONE max_model_len sequence,
+    and runs as many requests at once as their actual tokens fit, up to
+    max_num_seqs. request_tokens: this run's largest prompt + max_tokens.
+    """
+    defaults = vllm_engine_defaults()
+
+    def setting(name: str) -> Any:
+        return llm_kwargs.get(name, defaults.get(name))
+
+    dtype = str(setting("dtype") or "auto")
     if dtype == "auto":
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    est = estimate_memory(config, dtype, args.max_model_len, args.max_num_seqs)
+    est = estimate_memory(config, dtype)
+    max_model_len, max_num_seqs = setting("max_model_len"), setting("max_num_seqs")
+    utilization = setting("gpu_memory_utilization")
+    tp = max(1, int(setting("tensor_parallel_size") or 1))
     gib = 2**30
+    weights = est.weight_bytes / tp
+    kv_per_token = est.kv_bytes_per_token / tp
     lines = [
-        f"memory estimate ({dtype}): weights {est.parameters / 1e9:.2f} B params x "
-        f"{DTYPE_BYTES.get(dtype, 2)} B = {est.weight_bytes / gib:.2f} GiB; KV cache "
-        f"{est.kv_bytes_per_token / 2**10:.0f} KiB/token x {args.max_model_len} x "
-        f"{args.max_num_seqs} seqs = {est.kv_cache_bytes / gib:.2f} GiB; "
-        f"total {est.total_bytes / gib:.2f} GiB (+ activations and runtime)",
+        f"memory estimate ({dtype}): weights {est.parameters:,} params "
+        f"({est.parameters / 1e9:.2f} B) x {DTYPE_BYTES.get(dtype, 2)} B = "
+        f"{est.weight_bytes / gib:.2f} GiB; KV cache "
+        f"{est.kv_bytes_per_token / 2**10:.0f} KiB/token"
+        + (f"; per device with tensor parallel {tp}: /{tp}" if tp > 1 else "")
     ]
-    device = query_device_memory()
-    if device is None and args.device_memory_gb:
-        device = args.device_memory_gb * gib
-    tp = max(1, int(engine_kwargs.get("tensor_parallel_size") or 1))
-    if device is None:
+    if device_bytes is None:
         lines.append("device memory unknown: pass --device-memory-gb to compare")
         return lines
-    usable = device * args.gpu_memory_utilization
-    per_device = est.weight_bytes / tp + est.kv_cache_bytes / tp
-    verdict = "fits" if per_device <= usable else "WILL NOT FIT"
+    usable = device_bytes * utilization
+    kv_bytes = usable - weights
+    kv_tokens = max(0, int(kv_bytes // kv_per_token))
     lines.append(
-        f"per device (tensor parallel {tp}): {per_device / gib:.2f} GiB needed vs "
-        f"{device / gib:.1f} GiB x gpu_memory_utilization "
-        f"{args.gpu_memory_utilization} = {usable / gib:.2f} GiB usable: {verdict}"
+        f"device {device_bytes / gib:.1f} GiB x gpu_memory_utilization {utilization} = "
+        f"{usable / gib:.2f} GiB usable - weights {weights / gib:.2f} GiB = "
+        f"{kv_bytes / gib:.2f} GiB for the KV cache = {kv_tokens:,} tokens "
+        "(before activations, which vLLM measures at start-up)"
     )
-    if per_device > usable:
+    one_sequence = max_model_len * kv_per_token
+    starts = kv_tokens >= max_model_len
+    lines.append(
+        f"start-up: one max_model_len {max_model_len} sequence needs "
+        f"{one_sequence / gib:.2f} GiB of KV cache: "
+        + ("fits, vLLM will start" if starts else "WILL NOT START")
+    )
+    if not starts:
         log(
-            "warning: this configuration does not fit the device: lower "
-            "--max-model-len or --max-num-seqs, or raise --tensor-parallel-size"
+            "warning: vLLM will refuse to start: the KV cache cannot hold one "
+            "max_model_len sequence; lower --max-model-len, raise "
+            "--gpu-memory-utilization or --tensor-parallel-size"
+        )
+        return lines
+    if request_tokens:
+        at_once = kv_tokens // request_tokens
+        limit = f"--max-num-seqs {max_num_seqs}" if max_num_seqs else "max_num_seqs"
+        lines.append(
+            f"concurrency: this run's largest request is {request_tokens} tokens "
+            f"(prompt + max_tokens): {at_once} such requests fit at once; {limit} "
+            + (
+                f"runs at most {max_num_seqs} (raise it up to {at_once} for batch throughput)"
+                if max_num_seqs and max_num_seqs < at_once
+                else "is at or above that: the rest wait for KV space"
+            )
         )
     return lines
 
@@ -1575,8 +1852,6 @@ def open_output(args: argparse.Namespace, fmt: str) -> tuple[TextIO, set[str]]:
     except OSError as exc:
         raise InputError(f"--output {args.output}: cannot write it ({exc.strerror})")
     lock_output(stream, args.output)
-    if not args.resume and regular:  # devices and pipes cannot be truncated
-        stream.truncate(0)
     finished = read_finished_ids(args.output, args.retry_errors) if args.resume else set()
     if args.resume:  # read_finished_ids may have replaced the file
         stream.close()
@@ -1594,28 +1869,40 @@ def close_output(stream: TextIO) -> None:
         pass  # the writer already reported the failed write
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, model: ModelSource) -> int:
     wall_started = time.perf_counter()
     options = options_from_args(args)
-    check_model(args.model)
     requests = collect_requests(args)
     single = not (args.manifest or args.audio_dir)
     shard_index, shard_count = parse_shard(args.shard)
     requests = [r for r in requests if in_shard(r.id, shard_index, shard_count)]
     max_clips = max((len(r.audio) for r in requests), default=1)
-    engine_kwargs = resolve_engine_kwargs(args, max_clips)
+    flags = {**engine_flags(args), "model": model.for_engine()}
+    llm_kwargs = engine_kwargs(max_clips=max_clips, **flags)
     if args.dry_run:
-        return dry_run(args, requests, options, engine_kwargs)
+        return dry_run(args, requests, options, llm_kwargs, model.directory)
 
     fmt = choose_output_format(args)
+    count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
+    checked: list[PreparedRequest] = []
+    if single:
+        # Fail fast on bad input: before the output file is touched, and
+        # before minutes of model loading.
+        checked = [prepare_request(r, options, count_tokens) for r in requests]
+        for p in checked:
+            if p.error is not None:
+                raise p.error
     stream, finished = open_output(args, fmt)
     report = RunReport(requests=len(requests))
     todo = [r for r in requests if r.id not in finished]
     report.skipped = len(requests) - len(todo)
     writer = ResultWriter(
-        stream, fmt, single, f"--output {args.output}" if args.output else "stdout"
+        stream,
+        fmt,
+        single,
+        f"--output {args.output}" if args.output else "stdout",
+        replace=args.output is not None and not args.resume,
     )
-    count_tokens = load_tokenizer_counter(args.model, args.trust_remote_code)
     sampling_params = build_sampling_params(args)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.decode_workers) + 1) as pool:
 
@@ -1624,27 +1911,24 @@ def run(args: argparse.Namespace) -> int:
 
         first_chunk = None
         if single:
-            # Fail fast on bad input, before minutes of model loading.
-            prepared = [prepare(r) for r in todo]
-            for p in prepared:
-                if p.error is not None:
-                    raise p.error
             first_chunk = concurrent.futures.Future()
-            first_chunk.set_result(prepared)
+            first_chunk.set_result([p for p in checked if p.request.id not in finished])
         elif todo:
             # Decode the first chunk while the engine loads.
             futures = [pool.submit(prepare, r) for r in todo[: args.chunk_size]]
             first_chunk = pool.submit(lambda: [f.result() for f in futures])
         if not todo:
             log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
+            writer.close()
             close_output(stream)
             return EXIT_OK
         started = time.perf_counter()
-        llm = start_engine(engine_kwargs)
+        llm = start_engine(llm_kwargs)
         report.engine_start_seconds = time.perf_counter() - started
         if count_tokens is None and not single:
             log("note: prompt budgets are checked by the engine (tokenizer not local)")
         progress = Progress(len(todo), enabled=not (args.no_progress or single))
+        complete = False
         try:
             run_batch(
                 llm,
@@ -1658,9 +1942,10 @@ def run(args: argparse.Namespace) -> int:
                 args.chunk_size,
                 progress,
             )
+            complete = True
         finally:
             try:
-                writer.close()
+                writer.close(complete)
             finally:
                 close_output(stream)
             report.wall_seconds = time.perf_counter() - wall_started
@@ -1676,11 +1961,13 @@ def main(argv: list[str] | None = None) -> int:
     # Before the slow vLLM import: Ctrl-C or a scheduler's SIGTERM at any
     # moment ends with whole lines in the output and a resume hint.
     STOP_SIGNALS.install()
-    set_environment_defaults()
     args = None
     try:
+        early = early_arguments(sys.argv[1:] if argv is None else argv)
+        set_environment_defaults(early.model)
+        model = ModelSource(early.model) if early.help else find_model(early.model, early.dry_run)
         args = build_parser().parse_args(argv)
-        return run(args)
+        return run(args, model)
     except InputError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from conftest import tone
+from helpers import tone
 
 TWO_HOURS = 2 * 3600
 NON_UTF8_NAME = b"caf\xe9-latin1.wav"  # "café" in Latin-1: not valid UTF-8

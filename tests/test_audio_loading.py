@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
-from conftest import tone
+from helpers import tone
 
 import run_qwen2_audio as tool
 
-OPTIONS = tool.Options(None, "", False, "split", 30, 10, 2**30, 4096, 64)
+OPTIONS = tool.Options(system_prompt="", url_timeout=10, max_audio_bytes=2**30)
 
 
 def peak_frequency(samples: np.ndarray, rate: int) -> float:

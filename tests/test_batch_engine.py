@@ -5,18 +5,26 @@ recording is answered segment by segment, in order."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import soundfile
-from conftest import CPU_ENGINE_FLAGS, CPU_ENV, ROOT, SCRIPT, read_jsonl, run_script, tone
+from helpers import (
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    PAUSES,
+    ROOT,
+    SCRIPT,
+    read_jsonl,
+    run_cli,
+    speech_like,
+    tone,
+    user_env,
+)
 from reference import transformers_greedy_ids
-from test_batch_units import PAUSES, speech_like
 
 pytestmark = pytest.mark.engine
 
@@ -35,11 +43,12 @@ def make_batch(folder) -> tuple[list[str], str]:
     return ids, str(folder / "jobs.jsonl")
 
 
-def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path):
+def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path, home, vllm):
+    """On both vLLM versions (the fixture vllm is each one's interpreter)."""
     ids, manifest = make_batch(tmp_path)
     out = tmp_path / "results.jsonl"
     argv = [
-        sys.executable,
+        vllm,
         str(SCRIPT),
         "--model",
         str(tiny_model),
@@ -57,7 +66,7 @@ def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path):
     ]
     victim = subprocess.Popen(
         argv,
-        env={**os.environ, **CPU_ENV},
+        env=user_env(home, IN_PROCESS_ENGINE),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -75,7 +84,15 @@ def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path):
     with out.open("a") as f:
         f.write('{"id": "r19", "answ')  # what a kill inside a write leaves
 
-    resumed = run_script(*argv[2:], "--resume", "--report", tmp_path / "report.json")
+    resumed = run_cli(
+        *argv[2:],
+        "--resume",
+        "--report",
+        tmp_path / "report.json",
+        home=home,
+        env=IN_PROCESS_ENGINE,
+        python=vllm,
+    )
     assert resumed.returncode == 1, resumed.stderr[-3000:]  # 1: some request failed
     records = read_jsonl(out)  # every line parses
     assert sorted(r["id"] for r in records) == sorted(ids)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from helpers import PAUSES, speech_like
 
 import run_qwen2_audio as tool
 
@@ -36,12 +36,18 @@ def test_manifest_good_and_bad_lines(tmp_path):
     assert requests["b"].question == "Q?"
     assert requests["a"].audio == ["/x/1.wav", "https://h/2.mp3"]
     errors = {k: str(r.error) for k, r in requests.items() if r.error}
+    # A bad line keeps its own id, so results join back to the manifest by id;
+    # only a line without a usable id (or with a taken one) is named file:line.
     assert "line 3: not valid JSON" in errors["jobs.jsonl:3"]
-    assert "line 4: unknown key(s) speaker" in errors["jobs.jsonl:4"]
-    assert '"audio" must be' in errors["jobs.jsonl:5"]
-    assert '"audio" must be' in errors["jobs.jsonl:6"]
-    assert "duplicate id 'a'" in errors["jobs.jsonl:7"]
-    assert "scheme file:// is not supported" in errors["jobs.jsonl:8"]
+    assert "line 4 (id c): unknown key(s) speaker" in errors["c"]
+    assert 'line 5 (id d): "audio" must be' in errors["d"]
+    assert 'line 6 (id e): "audio" must be' in errors["e"]
+    assert "line 7: duplicate id 'a'" in errors["jobs.jsonl:7"]
+    assert (
+        "line 8 (id f): audio 'file:///etc/passwd': scheme file:// is not supported"
+        in (errors["f"])
+    )
+    assert set(errors) == {"jobs.jsonl:3", "c", "d", "e", "jobs.jsonl:7", "f"}
     assert list(requests) == sorted(requests)
 
 
@@ -90,19 +96,6 @@ def test_report_arithmetic():
     assert summary["output_tokens_per_second"] == 20.0
 
 
-def speech_like(seconds: float, pauses: list[tuple[float, float]]) -> np.ndarray:
-    """Tone bursts, silent inside the given (start, end) pauses."""
-    rate = tool.SAMPLE_RATE
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.5 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
-    for start, end in pauses:
-        x[int(start * rate) : int(end * rate)] = 0.0
-    return x.astype(np.float32)
-
-
-PAUSES = [(27.0, 27.8), (54.0, 54.6)]
-
-
 def test_75s_recording_splits_into_3_segments_inside_pauses():
     samples = speech_like(75, PAUSES)
     ranges = tool.split_points(samples, 30.0)
@@ -116,7 +109,7 @@ def test_75s_recording_splits_into_3_segments_inside_pauses():
 
 def test_split_truncate_and_error_policies():
     clip = tool.Clip("long.wav", speech_like(75, PAUSES), 16000, 1)
-    options = tool.Options(None, "", False, "split", 30, 10, 2**30, 4096, 64)
+    options = tool.Options(system_prompt="", url_timeout=10, max_audio_bytes=2**30)
     segments = tool.apply_long_audio_policy([clip], options, [])
     assert len(segments) == 3 and segments[0].start_seconds == 0.0
     for segment, after, (start, end) in zip(segments, segments[1:], PAUSES, strict=False):
@@ -149,9 +142,63 @@ def test_memory_estimate_for_qwen2_audio_7b_by_hand():
     h, inter, vocab = 4096, 11008, 156032
     text = 32 * (4 * h * h + 3 * h + 3 * h * inter + 2 * h) + 2 * vocab * h + h
     projector = d * h + h
-    est = tool.estimate_memory(tool.QWEN2_AUDIO_7B_CONFIG, "bfloat16", 4096, 5)
-    assert est.parameters == encoder + text + projector
+    est = tool.estimate_memory(tool.QWEN2_AUDIO_7B_CONFIG, "bfloat16")
+    assert est.parameters == encoder + text + projector == SEVEN_B_PARAMETERS
     assert 8.3e9 < est.parameters < 8.5e9  # "8.4B" as published
     assert est.weight_bytes == 2 * est.parameters
     assert est.kv_bytes_per_token == 32 * 32 * 128 * 2 * 2 == 524288
-    assert est.kv_cache_bytes == 524288 * 4096 * 5  # 10 GiB
+
+
+SEVEN_B_PARAMETERS = 8_397_094_912  # the sum above, for the tests below
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    "device_gib, kv_tokens, at_once",
+    [
+        # (32 GiB x 0.8 - 2 x 8,397,094,912 B) / 512 KiB = 20,396 tokens;
+        # one 4096-token sequence fits (vLLM starts) although 5 x 4096 would
+        # not: the old, stricter rule called this "WILL NOT FIT".
+        (32, 20_396, 24),
+        # (64 GiB x 0.8 - weights) / 512 KiB = 72,825 tokens.
+        (64, 72_825, 86),
+    ],
+)
+def test_fit_follows_vllms_rule_by_hand(device_gib, kv_tokens, at_once):
+    usable = device_gib * GIB * 0.8  # this tool's default utilization
+    assert kv_tokens == int((usable - 2 * SEVEN_B_PARAMETERS) // 524288)
+    largest_request = 780 + 64  # a 30 s clip's prompt + the tutorial's max_tokens
+    assert at_once == kv_tokens // largest_request
+    lines = tool.memory_estimate_lines(
+        tool.QWEN2_AUDIO_7B_CONFIG, tool.engine_kwargs(), device_gib * GIB, largest_request
+    )
+    assert f"x gpu_memory_utilization 0.8 = {usable / GIB:.2f} GiB usable" in lines[1]
+    assert f"= {kv_tokens:,} tokens" in lines[1]
+    assert lines[2] == (
+        "start-up: one max_model_len 4096 sequence needs 2.00 GiB of KV cache: "
+        "fits, vLLM will start"
+    )
+    assert f"largest request is 844 tokens (prompt + max_tokens): {at_once} such" in lines[3]
+    assert f"--max-num-seqs 5 runs at most 5 (raise it up to {at_once}" in lines[3]
+
+
+def test_fit_refuses_what_vllm_would_refuse(capsys):
+    # 20 GiB x 0.8 = 16 GiB: 0.36 GiB left after the weights, 735 tokens < 4096.
+    kwargs = tool.engine_kwargs()
+    lines = tool.memory_estimate_lines(tool.QWEN2_AUDIO_7B_CONFIG, kwargs, 20 * GIB, 844)
+    assert "= 735 tokens" in lines[1] and lines[2].endswith("WILL NOT START")
+    assert "vLLM will refuse to start" in capsys.readouterr().err
+    tp2 = tool.engine_kwargs(tensor_parallel_size=2)
+    lines = tool.memory_estimate_lines(tool.QWEN2_AUDIO_7B_CONFIG, tp2, 20 * GIB, 844)
+    # Per device: half the weights and half of each token's KV heads.
+    assert f"= {int((16 * GIB - SEVEN_B_PARAMETERS) // 262144):,} tokens" in lines[1]
+    assert lines[2].endswith("fits, vLLM will start")
+
+
+def test_npu_memory_default_reaches_the_engine_unless_overridden():
+    assert tool.engine_kwargs()["gpu_memory_utilization"] == 0.8
+    assert tool.engine_kwargs(gpu_memory_utilization=0.5)["gpu_memory_utilization"] == 0.5
+    # vLLM's own default is left out of the call, so vLLM applies it itself.
+    defaults = tool.vllm_engine_defaults()
+    chosen = tool.engine_kwargs(gpu_memory_utilization=defaults["gpu_memory_utilization"])
+    assert "gpu_memory_utilization" not in chosen

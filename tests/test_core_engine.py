@@ -1,12 +1,14 @@
-"""End to end on the real vLLM engine (CPU) with the tiny checkpoint: the
-script's greedy output ids equal transformers' reference implementation."""
+"""End to end on the real vLLM engine (CPU) with the tiny checkpoint, on
+vLLM 0.23 (the image's) and 0.32, each run a fresh process in a user's
+environment: the script's greedy output ids equal transformers' reference
+implementation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import soundfile
-from conftest import CPU_ENGINE_FLAGS, USER_PROCESS_LAYOUT, load_json_output, run_script
+from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, load_json_output, run_cli
 from reference import transformers_greedy_ids
 from transformers import AutoTokenizer
 
@@ -23,13 +25,13 @@ def text_tokens(model_dir, prompt: str, clips: int) -> int:
 
 
 def as_the_script_decodes(paths) -> list[np.ndarray]:
-    options = tool.Options(None, "", False, "split", 30, 10, 2**30, 4096, 16)
+    options = tool.Options()
     return [tool.load_clip(str(p), options).samples for p in paths]
 
 
-def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips):
+def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips, home, vllm):
     paths = [clips["b.mp3"], clips["a.wav"]]  # 5 s 44.1 kHz stereo, 3 s 16 kHz
-    result = run_script(
+    result = run_cli(
         "--model",
         tiny_model,
         "--audio",
@@ -41,6 +43,9 @@ def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips):
         "--output-format",
         "json",
         *CPU_ENGINE_FLAGS,
+        home=home,
+        env=IN_PROCESS_ENGINE,
+        python=vllm,
     )
     [record] = load_json_output(result)
 
@@ -61,9 +66,9 @@ def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips):
     assert record["answer"] == record["answers"][0]
 
 
-def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache):
+def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache, home, vllm):
     """--audio-count 1 takes vLLM's AudioAsset('mary_had_lamb') (from its cache)."""
-    result = run_script(
+    result = run_cli(
         "--model",
         tiny_model,
         "--audio-count",
@@ -75,7 +80,9 @@ def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache):
         "--output-format",
         "json",
         *CPU_ENGINE_FLAGS,
-        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
+        home=home,
+        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache), **IN_PROCESS_ENGINE},
+        python=vllm,
     )
     [record] = load_json_output(result)
 
@@ -96,15 +103,17 @@ def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache):
     assert record["token_ids"] == [ref_ids]
 
 
-def test_tutorial_defaults_print_only_the_answer(tiny_model, demo_assets_cache):
+def test_tutorial_defaults_print_only_the_answer(tiny_model, demo_assets_cache, home, vllm):
     """No flags but the model: two demo clips, tutorial sampling, text on
     stdout and every log line on stderr, with vLLM's engine core in its own
     process as users run it."""
-    result = run_script(
+    result = run_cli(
         "--model",
         tiny_model,
         *CPU_ENGINE_FLAGS,
-        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache), **USER_PROCESS_LAYOUT},
+        home=home,
+        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
+        python=vllm,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = result.stdout.rstrip("\n")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import soundfile
-from conftest import tone
+from helpers import tone
 
 import run_qwen2_audio as tool
 
@@ -58,7 +58,7 @@ def server():
     httpd.shutdown()
 
 
-OPTIONS = tool.Options(None, "", False, "split", 30, 1.0, len(WAV) * 4, 4096, 64)
+OPTIONS = tool.Options(system_prompt="", url_timeout=1.0, max_audio_bytes=len(WAV) * 4)
 
 
 def test_a_good_url_decodes(server):

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT
+from helpers import SCRIPT
 
 import run_qwen2_audio as tool
 

