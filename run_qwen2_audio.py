@@ -1076,9 +1076,9 @@ def find_model(model: str, dry_run: bool) -> ModelSource:
     try:
         source = locate_model(model)
     except InputError as exc:
-        if not dry_run:
+        if not (dry_run and exc.kind == "model_unavailable"):
             raise
-        # A dry run plans before the model is here (the published config).
+        # A dry run may plan before a hub model is here (the published config).
         log(f"warning: {exc}")
     if source.hub_unreachable:
         log(f"note: {source.hub_unreachable}; using the cached copy in {source.directory}")

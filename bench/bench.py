@@ -69,7 +69,7 @@ def engine_contenders(model: Path, clips: list[Path], *flags: str) -> dict[str, 
     prepared = [
         tool.prepare_request(tool.AudioRequest(c.stem, [str(c)]), options, count) for c in clips
     ]
-    llm = tool.start_engine(tool.resolve_engine_kwargs(args, 1))
+    llm = tool.start_engine(tool.engine_kwargs(max_clips=1, **tool.engine_flags(args)))
     params = tool.build_sampling_params(args)
     llm.generate(prepared[0].engine_inputs(), params, use_tqdm=False)  # warm-up
     started = time.perf_counter()
@@ -148,7 +148,7 @@ def script_run(model: Path, manifest: Path, folder: Path, max_tokens: int) -> di
 
 
 def decode_rate(paths: list[Path], threads: int) -> float:
-    options = tool.Options(None, "", False, "split", 30, 10, 2**31, 4096, 64)
+    options = tool.Options(system_prompt="", url_timeout=10, max_audio_bytes=2**31)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda p: tool.load_clip(str(p), options), paths))

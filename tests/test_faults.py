@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from conftest import CPU_ENGINE_FLAGS, CPU_ENV, ROOT, SCRIPT, USER_PROCESS_LAYOUT, tone
+from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, ROOT, SCRIPT, tone, user_env
 
 import run_qwen2_audio as tool
 
@@ -61,16 +61,25 @@ def batch_argv(
     ]
 
 
-def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(
+    argv: list[str], home: Path, layout: dict[str, str] = IN_PROCESS_ENGINE
+) -> subprocess.Popen:
     # A session of its own: the test can signal the whole process group, as a
     # terminal's Ctrl-C or a scheduler does, and find any process left behind.
     return subprocess.Popen(
         argv,
-        env={**os.environ, **CPU_ENV, **(env or {})},
+        env=user_env(home, layout),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+    )
+
+
+def finish(argv: list[str], home: Path) -> subprocess.CompletedProcess:
+    """The same command run to its end, as a user reruns it."""
+    return subprocess.run(
+        argv, env=user_env(home, IN_PROCESS_ENGINE), cwd=ROOT, capture_output=True, timeout=600
     )
 
 
@@ -116,7 +125,7 @@ def check_complete_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
-def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, tmp_path):
+def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, tmp_path, home):
     # Long enough (about 17 s to start, 25 s to generate) that ten kills
     # cannot finish it early.
     ids = make_manifest(tmp_path, 48)
@@ -126,7 +135,7 @@ def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, 
     seen_mid_run = []
     for kill in range(KILLS):
         before = line_count(out)
-        proc = start(argv)
+        proc = start(argv, home)
         started = time.monotonic()
         if kill % 2 == 0:  # any moment: importing, loading, the first chunks
             time.sleep(rng.uniform(0.2, 18.0))
@@ -145,9 +154,7 @@ def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, 
         )
     assert sum(seen_mid_run) >= KILLS // 2, f"kills did not land mid-run (seed {SEED})"
 
-    final = subprocess.run(
-        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
-    )
+    final = finish(argv, home)
     assert final.returncode in (0, 1), final.stderr.decode()[-3000:]
     records = check_complete_lines(out)
     assert sorted(r["id"] for r in records) == sorted(ids), f"seed {SEED}"
@@ -169,13 +176,13 @@ def read_finished_lines(out: Path) -> list[str]:
     return ids
 
 
-def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path):
+def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
     ids = make_manifest(tmp_path, 12)
     out = tmp_path / "results.jsonl"
 
     # SIGTERM to the script alone, as `kill PID` or a scheduler's stop sends
     # it, with vLLM's engine core in its own process as users run it.
-    proc = start(batch_argv(tmp_path, tiny_model, out), USER_PROCESS_LAYOUT)
+    proc = start(batch_argv(tmp_path, tiny_model, out), home, layout={})
     wait_for_lines(proc, out, 2)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1].decode()
@@ -194,7 +201,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path):
     assert 2 <= len(after_term) < len(ids)
 
     # Ctrl-C: SIGINT to the whole process group.
-    proc = start(batch_argv(tmp_path, tiny_model, out, "--resume"))
+    proc = start(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
     wait_for_lines(proc, out, len(after_term) + 1)
     os.killpg(proc.pid, signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1].decode()
@@ -203,13 +210,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path):
     after_int = check_complete_lines(out)
     assert len(after_term) < len(after_int) < len(ids)
 
-    final = subprocess.run(
-        batch_argv(tmp_path, tiny_model, out, "--resume"),
-        env={**os.environ, **CPU_ENV},
-        cwd=ROOT,
-        capture_output=True,
-        timeout=600,
-    )
+    final = finish(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
     # 0: the requests of this run all succeeded ("broken" sorts first and
     # already has its error record from the first run).
     assert final.returncode == 0, final.stderr.decode()[-3000:]
@@ -236,7 +237,7 @@ def tiny_filesystem(tmp_path):
 
 
 def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
-    tiny_model, tmp_path, tiny_filesystem
+    tiny_model, tmp_path, tiny_filesystem, home
 ):
     ids = make_manifest(tmp_path, 16)
     filler = tiny_filesystem / "filler"
@@ -244,9 +245,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
     out = tiny_filesystem / "results.jsonl"
     argv = batch_argv(tmp_path, tiny_model, out, "--resume")
 
-    full = subprocess.run(
-        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
-    )
+    full = finish(argv, home)
     stderr = full.stderr.decode()
     assert full.returncode == 74, stderr[-3000:]
     written = check_complete_lines(out)  # intact: no torn line at the end
@@ -258,9 +257,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
     )
 
     filler.unlink()
-    resumed = subprocess.run(
-        argv, env={**os.environ, **CPU_ENV}, cwd=ROOT, capture_output=True, timeout=600
-    )
+    resumed = finish(argv, home)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     records = check_complete_lines(out)
     assert sorted(r["id"] for r in records) == sorted(ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import one_error_line, run_cli
 from transformers import AutoProcessor
 
 import run_qwen2_audio as tool
@@ -43,10 +44,11 @@ def test_prompt_equals_the_processor_chat_template(tiny_model, num_clips):
     assert tool.build_prompt(question, num_clips, system) == rendered
 
 
-def test_dry_run_shows_tutorial_prompt_and_engine_defaults(demo_assets_cache, monkeypatch, capsys):
-    monkeypatch.setenv("VLLM_ASSETS_CACHE", str(demo_assets_cache))
-    assert tool.main(["--dry-run"]) == 0
-    out = capsys.readouterr().out
+def test_dry_run_shows_tutorial_prompt_and_engine_defaults(demo_assets_cache, home):
+    """What reaches LLM(...) with no flags: a dry run prints exactly those kwargs."""
+    result = run_cli("--dry-run", home=home, env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
     assert TUTORIAL_PROMPT_2 in out
     engine = json.loads(out.split("# engine arguments\n")[1].split("\n#")[0])
     assert engine["model"] == "Qwen/Qwen2-Audio-7B-Instruct"
@@ -54,6 +56,22 @@ def test_dry_run_shows_tutorial_prompt_and_engine_defaults(demo_assets_cache, mo
     assert engine["max_num_seqs"] == 5
     assert engine["limit_mm_per_prompt"] == {"audio": 2}
     assert engine["enforce_eager"] is True
+    # vllm-ascend's CI value for this model (issue #4107), not vLLM's 0.9x.
+    assert engine["gpu_memory_utilization"] == 0.8
+    # The model is not here: the dry run says so and plans with the published config.
+    assert "warning: --model Qwen/Qwen2-Audio-7B-Instruct: not in the local" in result.stderr
+
+
+def test_a_users_memory_fraction_wins(demo_assets_cache, home):
+    result = run_cli(
+        "--dry-run",
+        "--gpu-memory-utilization",
+        "0.5",
+        home=home,
+        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
+    )
+    engine = json.loads(result.stdout.split("# engine arguments\n")[1].split("\n#")[0])
+    assert engine["gpu_memory_utilization"] == 0.5
 
 
 def test_limit_mm_per_prompt_follows_the_clip_count(demo_assets_cache, monkeypatch, capsys):
@@ -86,11 +104,43 @@ def test_every_vllm_engine_flag_is_available():
 
 
 def test_environment_defaults_never_override_exports():
-    env = {"VLLM_USE_MODELSCOPE": "False"}
-    tool.set_environment_defaults(env)
+    env = {"VLLM_USE_MODELSCOPE": "False", "PYTORCH_NPU_ALLOC_CONF": "max_split_size_mb:256"}
+    tool.set_environment_defaults(tool.DEFAULT_MODEL, env)
     assert env["VLLM_USE_MODELSCOPE"] == "False"
-    assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["PYTORCH_NPU_ALLOC_CONF"] == "max_split_size_mb:256"
     assert env["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
+    env = {}
+    tool.set_environment_defaults(tool.DEFAULT_MODEL, env)
+    assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.parametrize(
+    "exported, installed, model, chosen",
+    [
+        # Not exported: the tutorial's ModelScope where the package is (the image)...
+        (None, True, "hub", "True"),
+        # ...Hugging Face where it is not, and no hub at all for a directory.
+        (None, False, "hub", "False"),
+        (None, True, "dir", "False"),
+        # Exported: kept, except that it cannot break a local directory's run.
+        ("True", True, "hub", "True"),
+        ("True", False, "dir", "False"),
+        ("False", True, "hub", "False"),
+        ("1", False, "hub", "1"),  # vLLM reads only "true" as yes: left alone
+    ],
+)
+def test_model_hub_choice(exported, installed, model, chosen, tiny_model, monkeypatch):
+    spec = object() if installed else None
+    monkeypatch.setattr(tool.importlib.util, "find_spec", lambda name: spec)
+    env = {} if exported is None else {"VLLM_USE_MODELSCOPE": exported}
+    tool.choose_model_hub(str(tiny_model) if model == "dir" else tool.DEFAULT_MODEL, env)
+    assert env["VLLM_USE_MODELSCOPE"] == chosen
+
+
+def test_modelscope_exported_for_a_hub_id_but_not_installed(monkeypatch):
+    monkeypatch.setattr(tool.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(tool.InputError, match="pip install modelscope"):
+        tool.choose_model_hub(tool.DEFAULT_MODEL, {"VLLM_USE_MODELSCOPE": "true"})
 
 
 def test_dry_run_counts_budget_and_refuses_what_cannot_fit(tiny_model, clips, capsys):
@@ -118,13 +168,46 @@ def test_special_tokens_in_questions_are_refused(tiny_model, clips, capsys):
     assert tool.main([*argv, "--allow-special-tokens"]) == 0
 
 
-def test_dry_run_warns_when_the_7b_model_cannot_fit(clips, capsys):
-    argv = ["--dry-run", "--audio", str(clips["a.wav"]), "--device-memory-gb", "16"]
-    assert tool.main(argv) == 0
-    captured = capsys.readouterr()
-    assert "weights 8.40 B params x 2 B = 15.64 GiB" in captured.out
-    assert "KV cache 512 KiB/token x 4096 x 5 seqs = 10.00 GiB" in captured.out
-    assert "WILL NOT FIT" in captured.out
-    assert "does not fit the device" in captured.err
-    assert tool.main([*argv[:-1], "64"]) == 0
-    assert "usable: fits" in capsys.readouterr().out
+def test_dry_run_warns_when_the_7b_model_cannot_start(clips, home):
+    argv = ["--dry-run", "--audio", clips["a.wav"], "--device-memory-gb", "16"]
+    result = run_cli(*argv, home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights 8,397,094,912 params (8.40 B) x 2 B = 15.64 GiB" in result.stdout
+    assert "KV cache 512 KiB/token" in result.stdout
+    assert "16.0 GiB x gpu_memory_utilization 0.8 = 12.80 GiB usable" in result.stdout
+    assert "WILL NOT START" in result.stdout
+    assert "warning: vLLM will refuse to start" in result.stderr
+    result = run_cli(*argv[:-1], "64", home=home)
+    assert "fits, vLLM will start" in result.stdout
+    # a 3 s clip: 75 audio tokens + the text, + 64 max tokens, well under 4096
+    assert "such requests fit at once; --max-num-seqs 5 runs at most 5" in result.stdout
+
+
+def test_dry_run_with_a_mistyped_model_directory_fails(home, clips):
+    """Only a hub model that is not here yet is planned around; a typo is an error."""
+    result = run_cli("--dry-run", "--model", "./no-such-dir", "--audio", clips["a.wav"], home=home)
+    assert "--model ./no-such-dir: no such directory" in one_error_line(result)
+
+
+def test_readme_graph_mode_flags_reach_the_engine(clips, home, vllm):
+    """README "Faster batch runs on NPU", on both vLLM versions' parsers."""
+    result = run_cli(
+        "--dry-run",
+        "--audio",
+        clips["a.wav"],
+        "--no-enforce-eager",
+        "--cudagraph-capture-sizes",
+        "1",
+        "2",
+        "4",
+        "8",
+        "--max-num-seqs",
+        "24",
+        home=home,
+        python=vllm,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = json.loads(result.stdout.split("# engine arguments\n")[1].split("\n#")[0])
+    assert engine["cudagraph_capture_sizes"] == [1, 2, 4, 8]
+    assert engine["max_num_seqs"] == 24
+    assert "enforce_eager" not in engine  # vLLM's own default: graph mode
