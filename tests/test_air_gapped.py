@@ -11,8 +11,11 @@ other machine).
 Every cell either answers (exit 0, the answer alone on stdout) or exits 2
 with one line naming the problem and the fix. Both hubs are pointed at a
 loopback "black hole" that accepts connections and never answers, like a
-firewall that drops traffic: where offline is declared, no cell may wait on
-it; where it is not, the hub probe gives up after a few seconds.
+firewall that drops traffic, and counts them: where offline is declared no
+cell connects at all (so none can wait on the network); where it is not, the
+hub probe gives up after a few seconds. The demo clips are looked up after
+the model and independently of it, so their absence is crossed with the
+local directory only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import itertools
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -50,16 +54,19 @@ HUB = {"modelscope": "True", "hf": "False"}
 MODELS = ("local-dir", "cached-hub-id", "uncached-hub-id")
 ASSETS = ("assets-cached", "assets-missing")
 
-CELLS = list(itertools.product(VLLM_PYTHONS, ("online", "HF_HUB_OFFLINE"), HUB, MODELS, ASSETS))
+CELLS = [
+    cell
+    for cell in itertools.product(VLLM_PYTHONS, ("online", "HF_HUB_OFFLINE"), HUB, MODELS, ASSETS)
+    if not (cell[3] == "cached-hub-id" and cell[4] == "assets-missing")
+]
 # TRANSFORMERS_OFFLINE means the same to the hub library; checked where it decides.
 CELLS += list(
     itertools.product(VLLM_PYTHONS, ("TRANSFORMERS_OFFLINE",), HUB, ("uncached-hub-id",), ASSETS)
 )
 
-# An error found before vLLM is imported, and one found after it (the demo
-# clips): neither may include a network wait when offline is declared.
-FAST_ERROR_SECONDS = 10
-AFTER_IMPORT_ERROR_SECONDS = 40
+# An uncached model with nothing declared: the probe's few seconds plus
+# start-up, never the minutes of retries the hub libraries would spend.
+PROBE_SLACK_SECONDS = 30
 
 
 _HAS_MODELSCOPE: dict[str, bool] = {}
@@ -84,14 +91,34 @@ def expected(python: str, hub: str, model: str, assets: str) -> str:
     return "answer"
 
 
+class BlackHole:
+    """A loopback port that accepts connections, never answers, and counts them."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self.swallow, daemon=True).start()
+
+    def swallow(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+
 @pytest.fixture(scope="module")
 def black_hole():
-    """A loopback port that completes TCP handshakes and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    yield server.getsockname()[1]
-    server.close()
+    hole = BlackHole()
+    yield hole
+    hole.server.close()
 
 
 def cell_id(cell) -> str:
@@ -110,11 +137,11 @@ def test_cell(version, offline, hub, model, assets, tiny_model, home, black_hole
     env = {
         **OFFLINE[offline],
         "VLLM_USE_MODELSCOPE": HUB[hub],
-        "HF_ENDPOINT": f"http://127.0.0.1:{black_hole}",
-        "MODELSCOPE_DOMAIN": f"127.0.0.1:{black_hole}",
+        "HF_ENDPOINT": f"http://127.0.0.1:{black_hole.port}",
+        "MODELSCOPE_DOMAIN": f"127.0.0.1:{black_hole.port}",
         **IN_PROCESS_ENGINE,
     }
-    started = time.monotonic()
+    connections_before = black_hole.connections
     result = run_cli(
         "--model",
         model_argument,
@@ -125,9 +152,10 @@ def test_cell(version, offline, hub, model, assets, tiny_model, home, black_hole
         env=env,
         python=python,
     )
-    seconds = time.monotonic() - started
     outcome = expected(python, hub, model, assets)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if offline != "online":
+        assert black_hole.connections == connections_before, "offline, yet the hub was asked"
     if outcome == "answer":
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("\n") == 1 and result.stdout.strip()
@@ -137,9 +165,6 @@ def test_cell(version, offline, hub, model, assets, tiny_model, home, black_hole
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and outcome in ours[0], result.stderr[-3000:]
     assert result.stderr.rstrip("\n").splitlines()[-1] == ours[0]
-    if offline != "online":
-        limit = AFTER_IMPORT_ERROR_SECONDS if "demo clip" in outcome else FAST_ERROR_SECONDS
-        assert seconds < limit, f"{seconds:.1f} s: waited on the network although offline"
 
 
 def test_the_hub_probe_gives_up_quickly_when_offline_is_not_declared(home, black_hole):
@@ -148,9 +173,9 @@ def test_the_hub_probe_gives_up_quickly_when_offline_is_not_declared(home, black
     started = time.monotonic()
     result = run_cli(
         home=home,
-        env={"VLLM_USE_MODELSCOPE": "False", "HF_ENDPOINT": f"http://127.0.0.1:{black_hole}"},
+        env={"VLLM_USE_MODELSCOPE": "False", "HF_ENDPOINT": f"http://127.0.0.1:{black_hole.port}"},
     )
     seconds = time.monotonic() - started
     assert result.returncode == 2
-    assert f"http://127.0.0.1:{black_hole} cannot be reached" in result.stderr
-    assert tool.HUB_PROBE_SECONDS <= seconds < tool.HUB_PROBE_SECONDS + FAST_ERROR_SECONDS
+    assert f"http://127.0.0.1:{black_hole.port} cannot be reached (timed out)" in result.stderr
+    assert tool.HUB_PROBE_SECONDS <= seconds < tool.HUB_PROBE_SECONDS + PROBE_SLACK_SECONDS
