@@ -26,13 +26,16 @@ SIGINT/SIGTERM (resumable).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import gc
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -45,7 +48,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -303,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=int,
         default=64,
-        help="requests handed to the engine per generate call; the next chunk's "
-        "audio is decoded while this one runs",
+        help="requests in flight: this many are decoded ahead while as many are in "
+        "the engine or waiting for an earlier one to be written (bounds memory)",
     )
     batch.add_argument("--decode-workers", type=int, default=2)
     batch.add_argument("--shard", default="0/1", metavar="I/N")
@@ -371,6 +374,8 @@ class Options:
     max_audio_bytes: int = 512 * 2**20
     max_model_len: int = 4096
     max_tokens: int = 64
+    chunk_size: int = 64  # requests decoded ahead, and requests in the engine
+    decode_workers: int = 2
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -389,6 +394,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         max_audio_bytes=int(args.max_audio_mb * 1024 * 1024),
         max_model_len=args.max_model_len,
         max_tokens=args.max_tokens,
+        chunk_size=max(1, args.chunk_size),
+        decode_workers=max(1, args.decode_workers),
     )
 
 
@@ -934,14 +941,16 @@ class PreparedRequest:
     decode_seconds: float = 0.0
     error: InputError | None = None
 
-    def engine_inputs(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "prompt": self.prompt,
-                "multi_modal_data": {"audio": [(s, SAMPLE_RATE) for s in seg.clips]},
-            }
-            for seg in self.segments
-        ]
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def engine_input(self, segment: int) -> dict[str, Any]:
+        clips = self.segments[segment].clips
+        return {
+            "prompt": self.prompt,
+            "multi_modal_data": {"audio": [(s, SAMPLE_RATE) for s in clips]},
+        }
 
 
 TokenCounter = Callable[[str], int]
@@ -966,16 +975,23 @@ def prepare_request(
         prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
         prepared.prompt = build_prompt(question, len(clips), system_prompt)
         if count_tokens is not None:
-            text_tokens = count_tokens(prepared.prompt) - len(clips)
-            prepared.prompt_tokens = [
-                text_tokens + sum(audio_token_count(len(s)) for s in seg.clips)
-                for seg in prepared.segments
-            ]
-            check_budget(request.id, max(prepared.prompt_tokens), options)
+            count_prompt_tokens(prepared, count_tokens, options)
     except InputError as exc:
         prepared.error = exc
     prepared.decode_seconds = time.perf_counter() - started
     return prepared
+
+
+def count_prompt_tokens(
+    prepared: PreparedRequest, count_tokens: TokenCounter, options: Options
+) -> None:
+    """Each segment's prompt tokens; InputError if one is over the budget."""
+    clips = len(prepared.segments[0].clips)
+    text_tokens = count_tokens(prepared.prompt) - clips  # without the <|AUDIO|> placeholders
+    prepared.prompt_tokens = [
+        text_tokens + sum(audio_token_count(len(s)) for s in seg.clips) for seg in prepared.segments
+    ]
+    check_budget(prepared.id, max(prepared.prompt_tokens), options)
 
 
 def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
@@ -1205,24 +1221,197 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def build_sampling_params(args: argparse.Namespace) -> Any:
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.sampling_seed,
-    )
-
-
 def start_engine(engine_kwargs: dict[str, Any]) -> Any:
     from vllm import LLM
 
     return LLM(**engine_kwargs)
+
+
+# --------------------------------------------------------------------------
+# The library core: requests in, records out
+# --------------------------------------------------------------------------
+
+
+def tutorial_sampling_params() -> Any:
+    """The tutorial's SamplingParams(temperature=0.2, max_tokens=64)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.2, max_tokens=64)
+
+
+def answer_requests(
+    llm: Any,
+    requests: Iterable[AudioRequest | PreparedRequest],
+    sampling_params: Any = None,
+    options: Options | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Answer audio requests on a vLLM engine: one record per request, in
+    request order (the records of the CLI's JSONL output).
+
+    llm is a vllm.LLM, or a function that makes one: then the first requests'
+    audio is decoded while the engine starts. Audio is decoded ahead in
+    options.decode_workers threads, and the engine is kept fed: a request's
+    segments go in as soon as its audio is ready and a slot is free, and its
+    record comes out when it finishes, after those of the requests before it.
+    At most options.chunk_size requests are decoded ahead, and as many are in
+    the engine or waiting for an earlier one: memory stays bounded for any
+    number of requests. A request that fails (bad audio, a prompt over the
+    budget) gets an error record and costs the others nothing.
+    sampling_params=None means the tutorial's. Items may also be requests
+    that prepare_request already decoded.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    options = options or Options()
+    params = copy.copy(sampling_params or tutorial_sampling_params())
+    # Only the finished output of each request (what LLM.generate asks for).
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    upcoming = iter(requests)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, options.decode_workers))
+    ahead: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def decode_ahead() -> None:
+        while len(ahead) < options.chunk_size and (item := next(upcoming, None)) is not None:
+            if isinstance(item, PreparedRequest):
+                ahead.append(pool.submit(lambda p=item: p))
+            else:
+                ahead.append(pool.submit(prepare_request, item, options, None))
+
+    feeder = None
+    try:
+        decode_ahead()
+        llm = llm if hasattr(llm, "generate") else llm()
+        feeder = EngineFeeder(llm, params, options)
+        while ahead or feeder.in_flight:
+            # Admit in request order; wait for audio only when the engine has
+            # nothing else to do (that wait is the record's wait_for_audio).
+            while ahead and feeder.has_room() and (ahead[0].done() or feeder.idle()):
+                waited = time.perf_counter()
+                prepared = ahead.popleft().result()
+                feeder.admit(prepared, time.perf_counter() - waited)
+                decode_ahead()
+            feeder.step()
+            yield from feeder.finished_records()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if feeder is not None:
+            feeder.abort()  # a consumer that stopped early leaves nothing running
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A request between its admission to the engine and its record."""
+
+    prepared: PreparedRequest
+    outputs: list[Any]
+    wait_for_audio_seconds: float = 0.0
+    engine_ids: list[str] = dataclasses.field(default_factory=list)
+    done: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    finished: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.prepared.error is not None or self.done == len(self.outputs)
+
+    def record(self) -> dict[str, Any]:
+        if self.prepared.error is not None:
+            return error_record(self.prepared)
+        timing = {
+            "decode_seconds": round(self.prepared.decode_seconds, 4),
+            "wait_for_audio_seconds": round(self.wait_for_audio_seconds, 4),
+            # Admission to last segment done: this request's time in the
+            # engine, queueing behind others included.
+            "engine_seconds": round(self.finished - self.started, 4),
+        }
+        return result_record(self.prepared, self.outputs, timing)
+
+
+class EngineFeeder:
+    """Keeps a vLLM engine fed with the segments of admitted requests, at
+    most options.chunk_size prompts at a time, and collects what finishes."""
+
+    def __init__(self, llm: Any, params: Any, options: Options) -> None:
+        self.engine = llm.llm_engine
+        self.tokenizer = llm.get_tokenizer()
+        self.params, self.options = params, options
+        self.in_flight: collections.deque[InFlight] = collections.deque()
+        self.running: dict[str, tuple[InFlight, int]] = {}
+        self.ids = itertools.count()
+
+    def has_room(self) -> bool:
+        return len(self.in_flight) < self.options.chunk_size
+
+    def idle(self) -> bool:
+        return not self.running
+
+    def admit(self, prepared: PreparedRequest, waited: float) -> None:
+        entry = InFlight(prepared, [None] * len(prepared.segments))
+        if self.idle():
+            entry.wait_for_audio_seconds = waited
+        if prepared.error is None and not prepared.prompt_tokens:
+            try:
+                count_prompt_tokens(prepared, self.count_tokens, self.options)
+            except InputError as exc:
+                prepared.error = exc
+        self.in_flight.append(entry)
+        self.feed()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def feed(self) -> None:
+        for entry in self.in_flight:
+            while (
+                entry.prepared.error is None
+                and len(entry.engine_ids) < len(entry.outputs)
+                and len(self.running) < self.options.chunk_size
+            ):
+                segment = len(entry.engine_ids)
+                engine_id = f"rqa-{next(self.ids)}"
+                try:
+                    self.engine.add_request(
+                        engine_id, entry.prepared.engine_input(segment), self.params
+                    )
+                except ValueError as exc:  # vLLM refused this prompt
+                    self.drop(entry)
+                    entry.prepared.error = InputError(
+                        f"request {entry.prepared.request.id}: the engine refused it ({exc})",
+                        kind="engine_rejected",
+                    )
+                    break
+                entry.engine_ids.append(engine_id)
+                self.running[engine_id] = (entry, segment)
+
+    def step(self) -> None:
+        if not self.running:
+            return
+        for output in self.engine.step():
+            if not output.finished or output.request_id not in self.running:
+                continue
+            entry, segment = self.running.pop(output.request_id)
+            entry.outputs[segment] = output
+            entry.done += 1
+            if entry.complete:
+                entry.finished = time.perf_counter()
+        self.feed()
+
+    def finished_records(self) -> Iterator[dict[str, Any]]:
+        while self.in_flight and self.in_flight[0].complete:
+            yield self.in_flight.popleft().record()
+        self.feed()
+
+    def drop(self, entry: InFlight) -> None:
+        mine = [i for i in entry.engine_ids if i in self.running]
+        if mine:
+            self.engine.abort_request(mine)
+            for engine_id in mine:
+                del self.running[engine_id]
+
+    def abort(self) -> None:
+        if self.running:
+            self.engine.abort_request(list(self.running))
+            self.running.clear()
 
 
 # --------------------------------------------------------------------------
@@ -1244,7 +1433,7 @@ def segment_record(output: Any, segment: Segment) -> dict[str, Any]:
 
 
 def result_record(
-    prepared: PreparedRequest, outputs: list[Any], generate_seconds: float
+    prepared: PreparedRequest, outputs: list[Any], timing: dict[str, float]
 ) -> dict[str, Any]:
     """The JSON record of an answered request (segments joined in order)."""
     parts = [segment_record(o, s) for o, s in zip(outputs, prepared.segments, strict=True)]
@@ -1266,10 +1455,7 @@ def result_record(
         "output_tokens": sum(p["output_tokens"] for p in parts),
         "finish_reason": parts[-1]["finish_reasons"][0],
         "audio_seconds": round(prepared.audio_seconds, 3),
-        "timing": {
-            "decode_seconds": round(prepared.decode_seconds, 4),
-            "generate_seconds": round(generate_seconds, 4),
-        },
+        "timing": timing,
     }
     if len(parts) > 1:
         record["segments"] = parts
@@ -1287,33 +1473,34 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
     }
 
 
-class ResultWriter:
-    """One writer per output format; jsonl streams, json and text at close.
+# --------------------------------------------------------------------------
+# Writers: one per output format, over one output file
+# --------------------------------------------------------------------------
 
-    A failed write (disk full) raises OutputError and leaves the file as it
-    was after the last complete record: no torn line, nothing lost before it.
-    With replace, an existing file is emptied only when the first result is
-    written (or a run ends complete): a run that fails before answering
-    anything, a typo in a path say, leaves earlier results as they were.
-    """
 
-    def __init__(
-        self,
-        stream: TextIO,
-        fmt: str,
-        single: bool,
-        name: str = "stdout",
-        replace: bool = False,
-    ) -> None:
-        self.stream, self.fmt, self.single, self.name = stream, fmt, single, name
-        self.records: list[dict[str, Any]] = []
-        self.written = 0
-        self.failed = False
-        self.fd = file_descriptor(stream)
+class OutputFile:
+    """stdout, or a results file opened for appending and locked (two runs
+    never write into one file). Each write lands whole or not at all: a
+    failed one (disk full) is cut back to the last whole record and raises
+    OutputError. With replace, an existing file is emptied only when the
+    first result is written or a run ends complete, so a run that fails
+    before answering anything leaves earlier results as they were."""
+
+    def __init__(self, path: Path | None, replace: bool = False) -> None:
+        self.path = path
+        self.stream: TextIO = sys.stdout
+        if path is not None:
+            try:
+                self.stream = open(path, "a", encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise InputError(f"--output {path}: cannot write it ({exc.strerror})")
+            lock_output(self.stream, path)
+        self.fd = file_descriptor(self.stream)
         info = os.fstat(self.fd) if self.fd is not None else None
         # Bytes of whole records in a regular file: a failed write is cut back to it.
         self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
         self.must_empty = replace and self.good_size is not None
+        self.records = 0
 
     def empty_once(self) -> None:
         if self.must_empty:
@@ -1321,67 +1508,103 @@ class ResultWriter:
             self.stream.truncate(0)
             self.good_size = 0
 
-    def write(self, record: dict[str, Any]) -> None:
-        with STOP_SIGNALS.deferred():  # Ctrl-C waits for the line to be whole
+    def write(self, text: str, records: int = 1) -> None:
+        with STOP_SIGNALS.deferred():  # Ctrl-C waits for the record to be whole
             self.empty_once()
-            if self.fmt == "jsonl":
-                self.append(json.dumps(record, ensure_ascii=False) + "\n")
-            elif self.fmt == "text":
-                self.write_text(record)
-            else:
-                self.records.append(record)
-            self.written += 1
-
-    def append(self, text: str) -> None:
-        """One record, straight to the file: a kill leaves at most one torn
-        last line (which --resume drops), a failed write leaves none."""
-        if self.fd is None:
-            self.guarded(lambda: (self.stream.write(text), self.stream.flush()))
-            return
-        data = text.encode("utf-8", "backslashreplace")
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as exc:
+            data = text.encode("utf-8", "backslashreplace")
+            try:
+                if self.fd is None:  # a stream with no file behind it (captured)
+                    self.stream.write(text)
+                    self.stream.flush()
+                else:  # straight to the file: a kill leaves at most one torn line
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+            except OSError as exc:
+                if self.good_size is not None:
+                    os.ftruncate(self.fd, self.good_size)
+                raise self.failure(exc)
             if self.good_size is not None:
-                os.ftruncate(self.fd, self.good_size)
-            self.fail(exc)
-        if self.good_size is not None:
-            self.good_size += len(data)
+                self.good_size += len(data)
+            self.records += records
 
-    def write_text(self, record: dict[str, Any]) -> None:
-        if "error" in record:
-            return  # errors go to stderr as they happen
-        prefix = "" if self.single else f"{record['id']}\t"
-        lines = "".join(f"{prefix}{answer}\n" for answer in record["answers"])
-        self.guarded(lambda: (self.stream.write(lines), self.stream.flush()))
-
-    def close(self, complete: bool = True) -> None:
-        """complete: the run answered every request (an empty run included)."""
-        if self.failed or not (complete or self.written):
-            return
-        self.empty_once()
-        if self.fmt == "json":
-            text = json.dumps(self.records, ensure_ascii=False, indent=2) + "\n"
-            self.guarded(lambda: self.stream.write(text))
-        self.guarded(self.stream.flush)
-
-    def guarded(self, action: Callable[[], Any]) -> None:
-        try:
-            action()
-        except OSError as exc:
-            self.fail(exc)
-
-    def fail(self, exc: OSError) -> None:
-        self.failed = True
+    def failure(self, exc: OSError) -> OutputError:
+        name = f"--output {self.path}" if self.path else "stdout"
         kept = (
-            f"the {self.written} result(s) written before it are intact"
-            if self.written
+            f"the {self.records} result(s) written before it are intact"
+            if self.records
             else "no result was written"
         )
-        resume = "; free space, then rerun with --resume" if self.name != "stdout" else ""
-        raise OutputError(f"{self.name}: write failed ({exc.strerror or exc}); {kept}{resume}")
+        resume = "; free space, then rerun with --resume" if self.path else ""
+        return OutputError(f"{name}: write failed ({exc.strerror or exc}); {kept}{resume}")
+
+    def close(self, complete: bool) -> None:
+        """complete: the run answered every request (an empty run included)."""
+        if complete:
+            self.empty_once()
+        if self.path is not None:
+            try:
+                self.stream.close()
+            except OSError:
+                pass  # the failed write was reported already
+
+
+class JsonlWriter:
+    """One JSON record per line, as each request finishes (resumable)."""
+
+    def __init__(self, out: OutputFile) -> None:
+        self.out = out
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def close(self, complete: bool) -> None:
+        self.out.close(complete)
+
+
+class JsonWriter:
+    """One JSON array of every record, written at the end."""
+
+    def __init__(self, out: OutputFile) -> None:
+        self.out = out
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self, complete: bool) -> None:
+        if complete or self.records:  # an interrupted run keeps what it answered
+            text = json.dumps(self.records, ensure_ascii=False, indent=2) + "\n"
+            self.out.write(text, records=len(self.records))
+        self.out.close(complete)
+
+
+class TextWriter:
+    """The answers alone, one per line (prefixed by the id in a batch);
+    errors go to stderr as they happen."""
+
+    def __init__(self, out: OutputFile, with_ids: bool) -> None:
+        self.out, self.with_ids = out, with_ids
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            return
+        prefix = f"{record['id']}\t" if self.with_ids else ""
+        self.out.write("".join(f"{prefix}{answer}\n" for answer in record["answers"]))
+
+    def close(self, complete: bool) -> None:
+        self.out.close(complete)
+
+
+Writer = JsonlWriter | JsonWriter | TextWriter
+
+
+def make_writer(fmt: str, out: OutputFile, with_ids: bool) -> Writer:
+    if fmt == "jsonl":
+        return JsonlWriter(out)
+    if fmt == "json":
+        return JsonWriter(out)
+    return TextWriter(out, with_ids)
 
 
 def file_descriptor(stream: TextIO) -> int | None:
@@ -1389,13 +1612,6 @@ def file_descriptor(stream: TextIO) -> int | None:
         return stream.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return None
-
-
-def choose_output_format(args: argparse.Namespace) -> str:
-    if args.output_format:
-        return args.output_format
-    suffix = args.output.suffix.lower() if args.output else ""
-    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
 
 
 # --------------------------------------------------------------------------
@@ -1456,7 +1672,7 @@ class RunReport:
     wall_seconds: float = 0.0
     decode_seconds: float = 0.0  # summed over requests (runs in worker threads)
     engine_start_seconds: float = 0.0
-    generate_seconds: float = 0.0
+    generate_seconds: float = 0.0  # engine ready to last record
     wait_for_audio_seconds: float = 0.0  # engine idle, waiting on decoding
 
     def add(self, record: dict[str, Any]) -> None:
@@ -1464,6 +1680,9 @@ class RunReport:
             self.failed += 1
             return
         self.ok += 1
+        timing = record.get("timing", {})
+        self.decode_seconds += timing.get("decode_seconds", 0.0)
+        self.wait_for_audio_seconds += timing.get("wait_for_audio_seconds", 0.0)
         self.audio_seconds += record["audio_seconds"]
         self.prompt_tokens += record["prompt_tokens"]
         self.output_tokens += record["output_tokens"]
@@ -1499,111 +1718,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------
-
-
-def chunked(items: Sequence[AudioRequest], size: int) -> Iterator[list[AudioRequest]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
-MAX_PROMPTS_PER_GENERATE = 64
-
-
-def generate_chunk(
-    llm: Any, prepared: list[PreparedRequest], sampling_params: Any
-) -> Iterator[dict[str, Any]]:
-    """One generate call for every segment of a chunk; records in input order."""
-    runnable = [p for p in prepared if p.error is None]
-    inputs = [i for p in runnable for i in p.engine_inputs()]
-    started = time.perf_counter()
-    outputs = []
-    # At most MAX_PROMPTS_PER_GENERATE prompts per call: a 2-hour recording is
-    # hundreds of segments, and the engine holds features for all it is given.
-    for start in range(0, len(inputs), MAX_PROMPTS_PER_GENERATE):
-        batch = inputs[start : start + MAX_PROMPTS_PER_GENERATE]
-        outputs += llm.generate(batch, sampling_params=sampling_params, use_tqdm=False)
-    elapsed = time.perf_counter() - started
-    position = 0
-    by_request = {}
-    for p in runnable:
-        by_request[id(p)] = outputs[position : position + len(p.segments)]
-        position += len(p.segments)
-    for p in prepared:
-        if p.error is not None:
-            yield error_record(p)
-        else:
-            yield result_record(p, by_request[id(p)], elapsed)
-
-
-def run_batch(
-    llm: Any,
-    requests: list[AudioRequest],
-    first_chunk: concurrent.futures.Future | None,
-    pool: concurrent.futures.ThreadPoolExecutor,
-    prepare: Callable[[AudioRequest], PreparedRequest],
-    sampling_params: Any,
-    writer: ResultWriter,
-    report: RunReport,
-    chunk_size: int,
-    progress: Any,
-) -> None:
-    """Generate chunk k while chunk k+1's audio is decoded in the pool."""
-    chunks = list(chunked(requests, chunk_size))
-
-    def submit(chunk: list[AudioRequest]) -> concurrent.futures.Future:
-        futures = [pool.submit(prepare, r) for r in chunk]
-        return pool.submit(lambda: [f.result() for f in futures])
-
-    pending = first_chunk or (submit(chunks[0]) if chunks else None)
-    for index in range(len(chunks)):
-        waited = time.perf_counter()
-        prepared = pending.result()
-        report.wait_for_audio_seconds += time.perf_counter() - waited
-        pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else None
-        report.decode_seconds += sum(p.decode_seconds for p in prepared)
-        started = time.perf_counter()
-        for record in generate_chunk(llm, prepared, sampling_params):
-            if "error" in record:
-                log(f"error: {record['id']}: {record['error']['message']}")
-            writer.write(record)
-            report.add(record)
-        for p in prepared:
-            for warning in p.warnings:
-                log(f"warning: {warning}")
-        report.generate_seconds += time.perf_counter() - started
-        progress.update(len(prepared), report)
-
-
-class Progress:
-    """requests done, clips/s and audio s/s on stderr."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.done, self.started = 0, time.perf_counter()
-
-    def update(self, count: int, report: RunReport) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        log(
-            f"[{self.done}/{self.total}] {self.done / elapsed:.2f} req/s, "
-            f"{report.audio_seconds / elapsed:.1f} audio s/s, "
-            f"{report.failed} failed"
-        )
-
-
 def dry_run(
-    args: argparse.Namespace,
     requests: list[AudioRequest],
     options: Options,
     llm_kwargs: dict[str, Any],
-    model_dir: Path | None,
+    count: TokenCounter | None,
+    config: dict[str, Any],
+    device_memory_gb: float | None,
 ) -> int:
-    count = load_tokenizer_counter(model_dir, args.trust_remote_code)
+    """Prompts, token budgets, engine arguments and memory arithmetic; no engine."""
     out = sys.stdout
     failed = 0
     largest_prompt = 0
@@ -1636,10 +1759,9 @@ def dry_run(
     out.write("# engine arguments\n")
     out.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
     device = query_device_memory()
-    if device is None and args.device_memory_gb:
-        device = args.device_memory_gb * 2**30
+    if device is None and device_memory_gb:
+        device = device_memory_gb * 2**30
     request_tokens = largest_prompt + options.max_tokens if largest_prompt else None
-    config = load_model_config(model_dir)
     for line in memory_estimate_lines(config, llm_kwargs, device, request_tokens):
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
@@ -1830,130 +1952,168 @@ def memory_estimate_lines(
 
 
 # --------------------------------------------------------------------------
-# main
+# The command line: a thin shell over answer_requests
 # --------------------------------------------------------------------------
 
+PROGRESS_SECONDS = 30.0  # a plain progress line this often where stderr is a log file
 
-def open_output(args: argparse.Namespace, fmt: str) -> tuple[TextIO, set[str]]:
-    """The output stream (locked) and the ids a --resume may skip."""
-    if args.output is None:
-        if args.resume:
+
+class Progress:
+    """Requests done, their rate, audio seconds per second and the ETA on
+    stderr: a tqdm bar on a terminal, a plain line every PROGRESS_SECONDS
+    where stderr is a file (Slurm logs), where a redrawn bar is noise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done, self.failed, self.audio_seconds = 0, 0, 0.0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm  # a dependency of vLLM
+
+            self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+    def engine_ready(self) -> None:
+        """Rates count from here: engine start-up is not throughput."""
+        self.started = self.last_line = time.perf_counter()
+        if self.bar is not None:
+            self.bar.reset(total=self.total)
+
+    def update(self, record: dict[str, Any]) -> None:
+        self.done += 1
+        self.failed += "error" in record
+        self.audio_seconds += record.get("audio_seconds", 0.0)
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self.started, 1e-9)
+        speed = f"{self.audio_seconds / elapsed:.1f} audio s/s, {self.failed} failed"
+        if self.bar is not None:
+            self.bar.set_postfix_str(speed, refresh=False)
+            self.bar.update(1)
+        elif now - self.last_line >= PROGRESS_SECONDS or self.done == self.total:
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate else 0.0
+            log(f"[{self.done}/{self.total}] {rate:.2f} req/s, {speed}, ETA {eta:.0f} s")
+            self.last_line = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def output_format(args: argparse.Namespace) -> str:
+    if args.output_format:
+        return args.output_format
+    suffix = args.output.suffix.lower() if args.output else ""
+    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+
+
+def open_output(
+    path: Path | None, fmt: str, resume: bool, retry_errors: bool
+) -> tuple[OutputFile, set[str]]:
+    """The output (locked) and the ids a --resume may skip."""
+    if path is None:
+        if resume:
             raise InputError("--resume needs --output FILE.jsonl to resume from")
-        return sys.stdout, set()
-    if args.resume and fmt != "jsonl":
-        raise InputError(f"--resume: --output {args.output} must be jsonl to resume")
-    regular = not args.output.exists() or args.output.is_file()
-    if args.resume and not regular:
-        raise InputError(f"--resume: --output {args.output} is not a regular file")
-    try:
-        # Append mode, then lock, then truncate: opening with "w" would wipe
-        # the results of a run that holds the lock.
-        stream = open(args.output, "a", encoding="utf-8", errors="backslashreplace")
-    except OSError as exc:
-        raise InputError(f"--output {args.output}: cannot write it ({exc.strerror})")
-    lock_output(stream, args.output)
-    finished = read_finished_ids(args.output, args.retry_errors) if args.resume else set()
-    if args.resume:  # read_finished_ids may have replaced the file
-        stream.close()
-        stream = open(args.output, "a", encoding="utf-8", errors="backslashreplace")
-        lock_output(stream, args.output)
-    return stream, finished
+        return OutputFile(None), set()
+    if resume and fmt != "jsonl":
+        raise InputError(f"--resume: --output {path} must be jsonl to resume")
+    if resume and path.exists() and not path.is_file():
+        raise InputError(f"--resume: --output {path} is not a regular file")
+    out = OutputFile(path, replace=not resume)
+    if not resume:
+        return out, set()
+    # Read under the lock; the repair of a torn last line may replace the
+    # file, so it is opened (and locked) again after.
+    finished = read_finished_ids(path, retry_errors)
+    out.close(complete=False)
+    return OutputFile(path), finished
 
 
-def close_output(stream: TextIO) -> None:
-    if stream is sys.stdout:
-        return
-    try:
-        stream.close()
-    except OSError:
-        pass  # the writer already reported the failed write
+def check_before_loading(
+    requests: list[AudioRequest], options: Options, count_tokens: TokenCounter | None
+) -> list[PreparedRequest]:
+    """Decode and check every clip of a single prompt: bad input fails now,
+    before the output is touched and before minutes of model loading."""
+    prepared = [prepare_request(r, options, count_tokens) for r in requests]
+    for p in prepared:
+        if p.error is not None:
+            raise p.error
+    return prepared
+
+
+def log_problems(record: dict[str, Any]) -> None:
+    if "error" in record:
+        log(f"error: {record['id']}: {record['error']['message']}")
+    for warning in record.get("warnings", []):
+        log(f"warning: {warning}")
+
+
+def build_sampling_params(args: argparse.Namespace) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+    )
 
 
 def run(args: argparse.Namespace, model: ModelSource) -> int:
+    """Arguments -> requests -> output -> engine -> records -> report."""
     wall_started = time.perf_counter()
     options = options_from_args(args)
-    requests = collect_requests(args)
-    single = not (args.manifest or args.audio_dir)
     shard_index, shard_count = parse_shard(args.shard)
-    requests = [r for r in requests if in_shard(r.id, shard_index, shard_count)]
-    max_clips = max((len(r.audio) for r in requests), default=1)
+    requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
     flags = {**engine_flags(args), "model": model.for_engine()}
-    llm_kwargs = engine_kwargs(max_clips=max_clips, **flags)
-    if args.dry_run:
-        return dry_run(args, requests, options, llm_kwargs, model.directory)
-
-    fmt = choose_output_format(args)
+    llm_kwargs = engine_kwargs(max_clips=max((len(r.audio) for r in requests), default=1), **flags)
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
-    checked: list[PreparedRequest] = []
-    if single:
-        # Fail fast on bad input: before the output file is touched, and
-        # before minutes of model loading.
-        checked = [prepare_request(r, options, count_tokens) for r in requests]
-        for p in checked:
-            if p.error is not None:
-                raise p.error
-    stream, finished = open_output(args, fmt)
-    report = RunReport(requests=len(requests))
-    todo = [r for r in requests if r.id not in finished]
-    report.skipped = len(requests) - len(todo)
-    writer = ResultWriter(
-        stream,
-        fmt,
-        single,
-        f"--output {args.output}" if args.output else "stdout",
-        replace=args.output is not None and not args.resume,
-    )
-    sampling_params = build_sampling_params(args)
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.decode_workers) + 1) as pool:
+    if args.dry_run:
+        config = load_model_config(model.directory)
+        return dry_run(requests, options, llm_kwargs, count_tokens, config, args.device_memory_gb)
+    batch = bool(args.manifest or args.audio_dir)
+    todo: list[Any] = requests if batch else check_before_loading(requests, options, count_tokens)
+    fmt = output_format(args)
+    out, finished = open_output(args.output, fmt, args.resume, args.retry_errors)
+    writer = make_writer(fmt, out, with_ids=batch)
+    todo = [r for r in todo if r.id not in finished]
+    report = RunReport(requests=len(requests), skipped=len(requests) - len(todo))
+    progress = Progress(len(todo), enabled=batch and not args.no_progress)
 
-        def prepare(request: AudioRequest) -> PreparedRequest:
-            return prepare_request(request, options, count_tokens)
-
-        first_chunk = None
-        if single:
-            first_chunk = concurrent.futures.Future()
-            first_chunk.set_result([p for p in checked if p.request.id not in finished])
-        elif todo:
-            # Decode the first chunk while the engine loads.
-            futures = [pool.submit(prepare, r) for r in todo[: args.chunk_size]]
-            first_chunk = pool.submit(lambda: [f.result() for f in futures])
-        if not todo:
-            log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
-            writer.close()
-            close_output(stream)
-            return EXIT_OK
+    def start() -> Any:
         started = time.perf_counter()
         llm = start_engine(llm_kwargs)
         report.engine_start_seconds = time.perf_counter() - started
-        if count_tokens is None and not single:
-            log("note: prompt budgets are checked by the engine (tokenizer not local)")
-        progress = Progress(len(todo), enabled=not (args.no_progress or single))
-        complete = False
-        try:
-            run_batch(
-                llm,
-                todo,
-                first_chunk,
-                pool,
-                prepare,
-                sampling_params,
-                writer,
-                report,
-                args.chunk_size,
-                progress,
-            )
-            complete = True
-        finally:
-            try:
-                writer.close(complete)
-            finally:
-                close_output(stream)
-            report.wall_seconds = time.perf_counter() - wall_started
-            if not single:
-                for line in report.lines():
-                    log(line)
-            if args.report:
-                args.report.write_text(json.dumps(report.summary(), indent=2) + "\n")
+        progress.engine_ready()
+        return llm
+
+    complete = False
+    try:
+        if not todo:
+            log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
+        else:
+            for record in answer_requests(start, todo, build_sampling_params(args), options):
+                writer.write(record)
+                report.add(record)
+                progress.update(record)
+                log_problems(record)
+        complete = True
+    finally:
+        progress.close()
+        writer.close(complete)
+        report.wall_seconds = time.perf_counter() - wall_started
+        if report.engine_start_seconds:
+            report.generate_seconds = time.perf_counter() - progress.started
+        if batch:
+            for line in report.lines():
+                log(line)
+        if args.report:
+            args.report.write_text(json.dumps(report.summary(), indent=2) + "\n")
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
