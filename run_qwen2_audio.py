@@ -1501,6 +1501,7 @@ class OutputFile:
         self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
         self.must_empty = replace and self.good_size is not None
         self.records = 0
+        self.failed = False  # a write failed: the run is stopping, nothing more is written
 
     def empty_once(self) -> None:
         if self.must_empty:
@@ -1523,6 +1524,7 @@ class OutputFile:
             except OSError as exc:
                 if self.good_size is not None:
                     os.ftruncate(self.fd, self.good_size)
+                self.failed = True
                 raise self.failure(exc)
             if self.good_size is not None:
                 self.good_size += len(data)
@@ -1540,7 +1542,7 @@ class OutputFile:
 
     def close(self, complete: bool) -> None:
         """complete: the run answered every request (an empty run included)."""
-        if complete:
+        if complete and not self.failed:
             self.empty_once()
         if self.path is not None:
             try:
@@ -1573,7 +1575,8 @@ class JsonWriter:
         self.records.append(record)
 
     def close(self, complete: bool) -> None:
-        if complete or self.records:  # an interrupted run keeps what it answered
+        # An interrupted run keeps what it answered.
+        if not self.out.failed and (complete or self.records):
             text = json.dumps(self.records, ensure_ascii=False, indent=2) + "\n"
             self.out.write(text, records=len(self.records))
         self.out.close(complete)

@@ -267,12 +267,11 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "text"])
 def test_dev_full_is_an_output_error_in_every_format(fmt):
     record = {"id": "x", "answers": ["hi"], "answer": "hi"}
-    stream = open("/dev/full", "a", encoding="utf-8")
-    writer = tool.ResultWriter(stream, fmt, single=True, name="--output /dev/full")
+    writer = tool.make_writer(fmt, tool.OutputFile(Path("/dev/full")), with_ids=False)
     with pytest.raises(tool.OutputError) as raised:
         writer.write(record)
-        writer.close()
-    tool.close_output(stream)  # what the run does next: no second error
+        writer.close(complete=True)
+    writer.close(complete=False)  # what the run does next: no second error
     assert str(raised.value).startswith(
         "--output /dev/full: write failed (No space left on device)"
     )
