@@ -1,9 +1,12 @@
 """Throughput, stage times, memory and decoding benchmarks, all in ONE run,
 on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
 
-    .venv-test/bin/python bench/bench.py   # after `bash tests/run.sh` made the venv
+    PY=$(ls -d ~/.cache/run_qwen2_audio/vllm032-*/bin/python)  # made by tests/run.sh
+    $PY bench/bench.py                 # every section
+    $PY bench/bench.py run-batch       # only vLLM's batch runner vs this tool
 
-Prints a table; BENCHMARKS.md records the numbers with machine and date.
+Sections: run-batch, engine, stages, rss, decode. Prints tables;
+BENCHMARKS.md records the numbers with machine and date.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import soundfile
 
@@ -23,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.update({"VLLM_USE_MODELSCOPE": "False", "VLLM_CPU_KVCACHE_SPACE": "1"})
 
-from conftest import CPU_ENGINE_FLAGS, chirp, tone  # noqa: E402
+from helpers import CPU_ENGINE_FLAGS, chirp, tone  # noqa: E402
 
-# conftest puts vLLM's engine core into the calling process (as the tests
-# run it); BENCH_ENGINE_PROCESS=1 measures vLLM's default layout instead.
+# The engine core in the calling process (as most tests run it);
+# BENCH_ENGINE_PROCESS=1 measures vLLM's default layout instead. The
+# run-batch comparison always uses vLLM's default layout, as users run both.
 LAYOUT = os.environ.get("BENCH_ENGINE_PROCESS", "0")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = LAYOUT
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
@@ -51,34 +56,32 @@ def write_manifest(path: Path, clips: list[Path]) -> Path:
 
 
 def engine_contenders(model: Path, clips: list[Path], *flags: str) -> dict[str, float]:
-    """clips/s: one generate for all (batch) vs one generate per clip (tutorial)."""
-    args = tool.build_parser().parse_args(
-        [
-            "--model",
-            str(model),
-            "--temperature",
-            "0",
-            "--max-tokens",
-            str(MAX_TOKENS),
-            *CPU_ENGINE_FLAGS,
-            *flags,
-        ]
-    )
-    options = tool.options_from_args(args)
-    count = tool.load_tokenizer_counter(str(model), False)
+    """clips/s through the public API: answer_requests on all clips (batch)
+    vs one llm.generate per clip (the tutorial's pattern); audio decoded first."""
+    from vllm import SamplingParams
+
+    max_num_seqs = int(flags[flags.index("--max-num-seqs") + 1]) if flags else 5
+    options = tool.Options(max_tokens=MAX_TOKENS)
     prepared = [
-        tool.prepare_request(tool.AudioRequest(c.stem, [str(c)]), options, count) for c in clips
+        tool.prepare_request(tool.AudioRequest(c.stem, [str(c)]), options, None) for c in clips
     ]
-    llm = tool.start_engine(tool.engine_kwargs(max_clips=1, **tool.engine_flags(args)))
-    params = tool.build_sampling_params(args)
-    llm.generate(prepared[0].engine_inputs(), params, use_tqdm=False)  # warm-up
+    llm = tool.start_engine(
+        tool.engine_kwargs(
+            model=str(model),
+            dtype="float32",
+            gpu_memory_utilization=0.3,
+            max_num_seqs=max_num_seqs,
+        )
+    )
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    llm.generate(prepared[0].engine_input(0), params, use_tqdm=False)  # warm-up
     started = time.perf_counter()
-    batch = list(tool.generate_chunk(llm, prepared, params))
+    batch = list(tool.answer_requests(llm, prepared, params, options))
     batch_rate = len(clips) / (time.perf_counter() - started)
     started = time.perf_counter()
-    single = [r for p in prepared for r in tool.generate_chunk(llm, [p], params)]
+    single = [llm.generate(p.engine_input(0), params, use_tqdm=False)[0] for p in prepared]
     single_rate = len(clips) / (time.perf_counter() - started)
-    assert [r["token_ids"] for r in batch] == [r["token_ids"] for r in single]
+    assert [r["token_ids"][0] for r in batch] == [list(o.outputs[0].token_ids) for o in single]
     return {"batch": batch_rate, "tutorial": single_rate}
 
 
@@ -108,6 +111,111 @@ def transformers_loop(model: Path, clips: list[Path]) -> float:
         with torch.no_grad():
             net.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     return len(clips) / (time.perf_counter() - started)
+
+
+RUN_BATCH_CLIPS = 256
+
+
+def run_batch_lines(model: Path, clips: list[Path]) -> str:
+    """vLLM's batch format: chat completions with file:// audio parts, the
+    same system prompt and question as this tool's, greedy, same max tokens."""
+    lines = []
+    for clip in clips:
+        user = [
+            {"type": "audio_url", "audio_url": {"url": clip.as_uri()}},
+            {"type": "text", "text": tool.DEFAULT_QUESTION},
+        ]
+        body = {
+            "model": str(model),
+            "messages": [
+                {"role": "system", "content": tool.DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": user},
+            ],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+        lines.append(
+            {"custom_id": clip.stem, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+    return "".join(json.dumps(x) + "\n" for x in lines)
+
+
+def timed_process(argv: list[str]) -> float:
+    """Whole-process wall time of a fresh process in vLLM's default layout."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    started = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def run_batch_comparison(model: Path, folder: Path) -> dict[str, Any]:
+    """`python -m vllm.entrypoints.openai.run_batch` (the `vllm run-batch`
+    console script looks up the distribution "vllm", absent under vllm-cpu)
+    vs this tool on the same clips, same engine flags, --max-num-seqs 64."""
+    (folder / "rb").mkdir()
+    clips = make_clips(folder / "rb", RUN_BATCH_CLIPS, CLIP_SECONDS)
+    engine = [
+        *CPU_ENGINE_FLAGS,
+        "--max-num-seqs",
+        "64",
+        "--max-model-len",
+        "4096",
+        "--enforce-eager",
+    ]
+    requests = folder / "rb-requests.jsonl"
+    requests.write_text(run_batch_lines(model, clips))
+    vllm_out, ours_out, report = (
+        folder / "rb-vllm.jsonl",
+        folder / "rb-ours.jsonl",
+        folder / "rb.json",
+    )
+    times = {
+        "vllm run-batch": timed_process(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.run_batch",
+                "-i",
+                str(requests),
+                "-o",
+                str(vllm_out),
+                "--model",
+                str(model),
+                "--allowed-local-media-path",
+                str(folder / "rb"),
+                *engine,
+            ]
+        ),
+        "run_qwen2_audio": timed_process(
+            [
+                sys.executable,
+                str(ROOT / "run_qwen2_audio.py"),
+                "--model",
+                str(model),
+                "--audio-dir",
+                str(folder / "rb"),
+                "--output",
+                str(ours_out),
+                "--report",
+                str(report),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                str(MAX_TOKENS),
+                "--no-progress",
+                *engine,
+            ]
+        ),
+    }
+    theirs = {}
+    for line in vllm_out.read_text().splitlines():
+        item = json.loads(line)
+        theirs[item["custom_id"]] = item["response"]["body"]["choices"][0]["message"]["content"]
+    ours = {
+        Path(r["id"]).stem: r["answer"] for r in map(json.loads, ours_out.read_text().splitlines())
+    }
+    same = sum(theirs.get(k) == v for k, v in ours.items())
+    return {"seconds": times, "same_answers": same, "stages": json.loads(report.read_text())}
 
 
 def script_run(model: Path, manifest: Path, folder: Path, max_tokens: int) -> dict:
@@ -155,61 +263,93 @@ def decode_rate(paths: list[Path], threads: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def main() -> None:
-    tool.set_environment_defaults()  # vLLM's logs to stderr: stdout is the table
+SECTIONS = ("run-batch", "engine", "stages", "rss", "decode")
+
+
+def main(sections: list[str]) -> None:
+    tool.set_environment_defaults()  # vLLM's logs to stderr: stdout is the tables
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     model = build_tiny_qwen2_audio(folder / "model")
     (folder / "clips64").mkdir()
     clips = make_clips(folder / "clips64", CLIPS, CLIP_SECONDS)
-    rates = engine_contenders_in_child(model, clips)
-    # The tutorial's max_num_seqs 5 is an NPU memory limit, not a batching
-    # choice: a batch user with memory to spare raises it.
-    rates["batch, --max-num-seqs 64"] = engine_contenders_in_child(
-        model, clips, "--max-num-seqs", "64"
-    )["batch"]
-    rates["transformers"] = transformers_loop(model, clips)
+    print(f"engine core in its own process: {LAYOUT == '1'} (run-batch: always)")
 
-    run64 = script_run(model, write_manifest(folder / "m64.jsonl", clips), folder, MAX_TOKENS)
-    (folder / "short").mkdir()
-    short = make_clips(folder / "short", 5000, 0.5)
-    rss = {
-        n: script_run(model, write_manifest(folder / f"m{n}.jsonl", short[:n]), folder, 4)
-        for n in (100, 5000)
-    }
-    (folder / "long").mkdir()
-    flacs = []
-    for i in range(12):
-        flacs.append(folder / "long" / f"l{i}.flac")
-        soundfile.write(flacs[-1], chirp(30, 44100, channels=2), 44100)
-    decode = {t: decode_rate(flacs, t) for t in (1, 2)}
+    if "run-batch" in sections:
+        result = run_batch_comparison(model, folder)
+        seconds = result["seconds"]
+        ratio = seconds["vllm run-batch"] / seconds["run_qwen2_audio"]
+        print(
+            f"\n## {RUN_BATCH_CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens, "
+            "--max-num-seqs 64"
+        )
+        print("| contender | whole-process wall s |")
+        print("| --- | --- |")
+        for name, value in seconds.items():
+            print(f"| {name} | {value:.1f} |")
+        print(f"- run_qwen2_audio is {ratio:.2f}x as fast (target 1.05x)")
+        print(f"- same answer text: {result['same_answers']}/{RUN_BATCH_CLIPS}")
+        stages = result["stages"]
+        print(
+            f"- our stages: engine start {stages['engine_start_seconds']:.1f} s, generation "
+            f"{stages['generate_seconds']:.1f} s, wall inside run() "
+            f"{stages['wall_seconds']:.1f} s, "
+            f"engine waiting for audio {stages['wait_for_audio_seconds']:.2f} s"
+        )
 
-    print(f"\n## {CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens (tiny model, CPU)")
-    print(f"engine core in its own process: {LAYOUT == '1'}")
-    print("| contender | clips/s | batch is | batch, --max-num-seqs 64 is |")
-    print("| --- | --- | --- | --- |")
-    wide = rates["batch, --max-num-seqs 64"]
-    for name in ("batch", "batch, --max-num-seqs 64", "tutorial", "transformers"):
-        rate = rates[name]
-        print(f"| {name} | {rate:.2f} | {rates['batch'] / rate:.2f}x | {wide / rate:.2f}x |")
-    print(f"\n## stages, script on a {CLIPS}-request manifest")
-    for key in (
-        "wall_seconds",
-        "engine_start_seconds",
-        "generate_seconds",
-        "decode_seconds",
-        "wait_for_audio_seconds",
-        "wait_for_audio_fraction",
-        "real_time_factor",
-    ):
-        print(f"- {key}: {run64[key]}")
-    print("\n## peak RSS of the script's main process (0.5 s clips)")
-    for n, result in rss.items():
-        print(f"- {n} requests: {result['peak_rss_mib']:.0f} MiB ({result['ok']} ok)")
-    growth = rss[5000]["peak_rss_mib"] / rss[100]["peak_rss_mib"] - 1
-    print(f"- growth 100 -> 5000: {100 * growth:+.1f}%")
-    print("\n## decode + resample, 30 s 44.1 kHz stereo FLAC")
-    for threads, rate in decode.items():
-        print(f"- {threads} thread(s): {rate:.1f} clips/s")
+    if "engine" in sections:
+        rates = engine_contenders_in_child(model, clips)
+        # The tutorial's max_num_seqs 5 is an NPU memory limit, not a batching
+        # choice: a batch user with memory to spare raises it.
+        rates["batch, --max-num-seqs 64"] = engine_contenders_in_child(
+            model, clips, "--max-num-seqs", "64"
+        )["batch"]
+        rates["transformers"] = transformers_loop(model, clips)
+        print(
+            f"\n## {CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens (tiny model, CPU)"
+        )
+        print("| contender | clips/s | batch is | batch, --max-num-seqs 64 is |")
+        print("| --- | --- | --- | --- |")
+        wide = rates["batch, --max-num-seqs 64"]
+        for name in ("batch", "batch, --max-num-seqs 64", "tutorial", "transformers"):
+            rate = rates[name]
+            print(f"| {name} | {rate:.2f} | {rates['batch'] / rate:.2f}x | {wide / rate:.2f}x |")
+
+    if "stages" in sections:
+        run64 = script_run(model, write_manifest(folder / "m64.jsonl", clips), folder, MAX_TOKENS)
+        print(f"\n## stages, script on a {CLIPS}-request manifest")
+        for key in (
+            "wall_seconds",
+            "engine_start_seconds",
+            "generate_seconds",
+            "decode_seconds",
+            "wait_for_audio_seconds",
+            "wait_for_audio_fraction",
+            "real_time_factor",
+        ):
+            print(f"- {key}: {run64[key]}")
+
+    if "rss" in sections:
+        (folder / "short").mkdir()
+        short = make_clips(folder / "short", 5000, 0.5)
+        rss = {
+            n: script_run(model, write_manifest(folder / f"m{n}.jsonl", short[:n]), folder, 4)
+            for n in (100, 5000)
+        }
+        print("\n## peak RSS of the script's main process (0.5 s clips)")
+        for n, result in rss.items():
+            print(f"- {n} requests: {result['peak_rss_mib']:.0f} MiB ({result['ok']} ok)")
+        growth = rss[5000]["peak_rss_mib"] / rss[100]["peak_rss_mib"] - 1
+        print(f"- growth 100 -> 5000: {100 * growth:+.1f}%")
+
+    if "decode" in sections:
+        (folder / "long").mkdir()
+        flacs = []
+        for i in range(12):
+            flacs.append(folder / "long" / f"l{i}.flac")
+            soundfile.write(flacs[-1], chirp(30, 44100, channels=2), 44100)
+        print("\n## decode + resample, 30 s 44.1 kHz stereo FLAC")
+        for threads in (1, 2):
+            print(f"- {threads} thread(s): {decode_rate(flacs, threads):.1f} clips/s")
 
 
 if __name__ == "__main__":
@@ -219,4 +359,4 @@ if __name__ == "__main__":
         paths = sorted(Path(child_clips).glob("*.wav"))
         print(json.dumps(engine_contenders(Path(child_model), paths, *child_flags)))
     else:
-        main()
+        main(sys.argv[1:] or list(SECTIONS))
