@@ -90,6 +90,11 @@ def test_records_from_python_equal_the_cli_jsonl(tiny_model, clips, home, tmp_pa
         env=IN_PROCESS_ENGINE,
     )
     assert cli.returncode == 1, cli.stderr[-3000:]  # 1: "broken" failed
+    # stderr is not a terminal: plain progress lines, not a redrawn bar, and
+    # always one when the last request is done.
+    progress = [x for x in cli.stderr.splitlines() if x.startswith("[5/5] ")]
+    assert len(progress) == 1 and "\r" not in cli.stderr, cli.stderr[-3000:]
+    assert re.fullmatch(r"\[5/5\] [\d.]+ req/s, [\d.]+ audio s/s, 1 failed, ETA 0 s", progress[0])
     code = LIBRARY_RUN % MAX_TOKENS
     code = code.replace("sys.argv[1]", repr(str(tiny_model))).replace(
         "sys.argv[2]", repr(str(manifest))

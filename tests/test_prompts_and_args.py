@@ -211,3 +211,7 @@ def test_readme_graph_mode_flags_reach_the_engine(clips, home, vllm):
     assert engine["cudagraph_capture_sizes"] == [1, 2, 4, 8]
     assert engine["max_num_seqs"] == 24
     assert "enforce_eager" not in engine  # vLLM's own default: graph mode
+
+
+def test_library_options_default_to_the_clis():
+    assert tool.options_from_args(tool.build_parser().parse_args([])) == tool.Options()
