@@ -2075,6 +2075,7 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
     flags = {**engine_flags(args), "model": model.for_engine()}
     llm_kwargs = engine_kwargs(max_clips=max((len(r.audio) for r in requests), default=1), **flags)
+    # Loading the processor also checks the checkpoint before minutes of loading.
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
     if args.dry_run:
         config = load_model_config(model.directory)
