@@ -7,7 +7,6 @@ test_hostile_inputs.py; offline and hub setups in test_air_gapped.py.)"""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from helpers import one_error_line, run_cli, write_demo_assets
@@ -51,10 +50,10 @@ def test_model_path_that_does_not_exist(clips, home):
 
 
 def test_model_directory_without_a_checkpoint(clips, home, tmp_path):
-    started = time.monotonic()
     result = run_cli("--model", tmp_path, "--audio", clips["a.wav"], home=home)
-    assert f"--model {tmp_path}: no config.json in it" in one_error_line(result)
-    assert time.monotonic() - started < 10, "found before vLLM is even imported"
+    error = one_error_line(result)
+    assert f"--model {tmp_path}: no config.json in it" in error
+    assert result.stderr == error + "\n", "found before vLLM (which logs) is imported"
 
 
 def test_model_directory_without_a_tokenizer(tiny_model, clips, home, tmp_path):
@@ -159,9 +158,8 @@ def test_exit_2_creates_no_output_file(tiny_model, home, tmp_path):
 def test_tutorial_with_no_flags_but_no_model_anywhere(home):
     """A new machine: the default hub model is not cached and there is no network."""
     write_demo_assets(home / ".cache/vllm/assets")
-    started = time.monotonic()
     result = run_cli(home=home)
     error = one_error_line(result)
     assert error.startswith("error: --model Qwen/Qwen2-Audio-7B-Instruct: not in the local")
     assert "hf download Qwen/Qwen2-Audio-7B-Instruct" in error and "--model DIR" in error
-    assert time.monotonic() - started < 15
+    assert result.stderr == error + "\n", "found before vLLM (which logs) is imported"
