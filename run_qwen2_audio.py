@@ -10,6 +10,8 @@ Everything else is flags:
     python run_qwen2_audio.py --manifest jobs.jsonl --output results.jsonl --resume
     python run_qwen2_audio.py --audio-dir calls/ --output out.jsonl --shard 0/8
     python run_qwen2_audio.py --audio long.flac --dry-run       # budget + memory, no engine
+    python run_qwen2_audio.py --manifest refs.jsonl --output out.jsonl   # + WER/CER
+    python run_qwen2_audio.py --audio-dir talks/ --output-format srt --output-dir subs/
 
 Every vLLM engine flag (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
 ``--dtype`` ...) works under its usual name. The pipeline below reads top to
@@ -32,13 +34,16 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import functools
 import gc
+import hashlib
 import importlib.util
 import io
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -163,6 +168,16 @@ SPECIAL_TOKENS = (
     "<|audio_eos|>",
 )
 
+# Reference languages: Whisper's language codes (and Cantonese, yue). These
+# write no spaces between words, so they are scored per character (CER).
+LANGUAGES = frozenset(
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu "
+    "ha haw he hi hr ht hu hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml "
+    "mn mr ms mt my ne nl nn no oc pa pl ps pt ro ru sa sd si sk sl sn so sq sr su sv sw "
+    "ta te tg th tk tl tr tt uk ur uz vi yi yo yue zh".split()
+)
+CER_LANGUAGES = frozenset({"zh", "yue", "ja", "ko", "th"})
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_OUTPUT_FAILED = 74  # EX_IOERR from sysexits.h
 
@@ -278,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inputs.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
     inputs.add_argument(
+        "--prompt-format",
+        choices=("auto", "chat", "raw"),
+        default="auto",
+        help="chat: the Instruct model's chat markup; raw: the base model's "
+        "(Qwen2-Audio-7B) <|audio_bos|><|AUDIO|><|audio_eos|>QUESTION, no system "
+        "prompt; auto (default): raw when the checkpoint has no chat template",
+    )
+    inputs.add_argument(
         "--allow-special-tokens",
         action="store_true",
         help="let question/system prompt contain chat control tokens such as "
@@ -337,11 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output-format",
-        choices=("text", "json", "jsonl"),
+        choices=OUTPUT_FORMATS,
         default=None,
-        help="default: from --output's suffix (.json/.jsonl), else text",
+        help="default: from --output's suffix (.json/.jsonl/.srt/.vtt/.tsv), else "
+        "text; srt/vtt/tsv: one cue per segment (one file per request: --output-dir)",
     )
     output.add_argument("--output", type=Path, help="write results here, not stdout")
+    output.add_argument(
+        "--output-dir",
+        type=Path,
+        help="one file per request, named after its id, in --output-format "
+        "(default json); --resume skips ids whose file exists",
+    )
     output.add_argument(
         "--dry-run",
         action="store_true",
@@ -368,6 +398,8 @@ class Options:
     question: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     allow_special_tokens: bool = False
+    # "chat", "raw", or "auto": answer_requests reads the engine's checkpoint.
+    prompt_format: str = "auto"
     long_audio: str = "split"
     segment_seconds: float = MAX_CLIP_SECONDS
     url_timeout: float = 30.0
@@ -388,6 +420,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         question=args.question,
         system_prompt=args.system_prompt,
         allow_special_tokens=args.allow_special_tokens,
+        prompt_format=args.prompt_format,
         long_audio=args.long_audio,
         segment_seconds=args.segment_seconds,
         url_timeout=args.url_timeout,
@@ -412,10 +445,12 @@ class AudioRequest:
     audio: list[str]
     question: str | None = None
     system_prompt: str | None = None
+    reference: str | None = None  # the expected answer: the record gets WER/CER
+    language: str = "en"  # the reference's language: how it is normalised and scored
     error: InputError | None = None  # a manifest line that could not be read
 
 
-MANIFEST_KEYS = {"id", "audio", "question", "system_prompt"}
+MANIFEST_KEYS = {"id", "audio", "question", "system_prompt", "reference", "language"}
 
 
 def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
@@ -458,15 +493,35 @@ def manifest_request(
         audio = [audio]
     if not isinstance(audio, list) or not audio or not all(isinstance(a, str) and a for a in audio):
         raise InputError(f'{where}: "audio" must be a path/URL or a non-empty list of them')
-    for key in ("question", "system_prompt"):
+    for key in ("question", "system_prompt", "reference", "language"):
         if key in item and not isinstance(item[key], str):
             raise InputError(f'{where}: "{key}" must be a string')
+    reference = item.get("reference")
+    if reference is not None and not reference.strip():
+        raise InputError(
+            f'{where}: "reference" is empty, so WER is undefined; '
+            "leave the key out for clips without speech"
+        )
     return AudioRequest(
         id=request_id,
         audio=[resolve_source(a, base_dir, where) for a in audio],
         question=item.get("question"),
         system_prompt=item.get("system_prompt"),
+        reference=reference,
+        language=check_language(item.get("language", "en"), where),
     )
+
+
+def check_language(code: str, where: str) -> str:
+    """A BCP-47-ish code ("en", "zh-CN", "yue") whose language is one we can
+    score, in lower case."""
+    primary = code.strip().lower().replace("_", "-").split("-")[0]
+    if primary not in LANGUAGES:
+        raise InputError(
+            f'{where}: "language" {code!r} is not a language code we know; use an '
+            "ISO 639-1 code such as en, zh, de, fr (or yue), optionally with a region: en-US"
+        )
+    return code.strip().lower().replace("_", "-")
 
 
 def resolve_source(source: str, base_dir: Path, where: str) -> str:
@@ -910,6 +965,34 @@ def build_prompt(question: str, num_clips: int, system_prompt: str) -> str:
     )
 
 
+def raw_prompt(question: str, num_clips: int) -> str:
+    """The base model's prompt (Qwen2-Audio-7B, as its evaluation scripts
+    write it): the audio parts, then the question, no chat markup."""
+    return "<|audio_bos|><|AUDIO|><|audio_eos|>" * num_clips + question
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a checkpoint ships a chat template (an Instruct model does;
+    the base model has none), in any of the files transformers reads it from."""
+    if any((model_dir / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        try:
+            if json.loads((model_dir / name).read_text()).get("chat_template"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def choose_prompt_format(requested: str, model_dir: Path | None) -> str:
+    """auto -> raw for a checkpoint without a chat template, else chat (also
+    when the checkpoint is not on disk yet: the default model is Instruct)."""
+    if requested != "auto":
+        return requested
+    return "raw" if model_dir is not None and not has_chat_template(model_dir) else "chat"
+
+
 def check_no_special_tokens(text: str, what: str) -> None:
     # Tokenizers map these strings to control tokens: a question containing
     # <|im_end|> would end the user turn early, <|AUDIO|> would claim audio.
@@ -936,6 +1019,7 @@ class PreparedRequest:
     prompt: str = ""
     segments: list[Segment] = dataclasses.field(default_factory=list)
     audio_seconds: float = 0.0
+    clip_seconds: list[float] = dataclasses.field(default_factory=list)
     prompt_tokens: list[int] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     decode_seconds: float = 0.0
@@ -967,13 +1051,23 @@ def prepare_request(
             raise request.error
         question = question_for(request, options)
         system_prompt = request.system_prompt or options.system_prompt
+        raw = options.prompt_format == "raw"
         if not options.allow_special_tokens:
             check_no_special_tokens(question, f"request {request.id}: question")
-            check_no_special_tokens(system_prompt, f"request {request.id}: system prompt")
+            if not raw:
+                check_no_special_tokens(system_prompt, f"request {request.id}: system prompt")
+        if raw and request.system_prompt:
+            prepared.warnings.append(
+                f"request {request.id}: system_prompt not used (--prompt-format raw has none)"
+            )
         clips = [load_clip(source, options) for source in request.audio]
         prepared.audio_seconds = sum(c.seconds for c in clips)
+        prepared.clip_seconds = [c.seconds for c in clips]
         prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
-        prepared.prompt = build_prompt(question, len(clips), system_prompt)
+        if raw:
+            prepared.prompt = raw_prompt(question, len(clips))
+        else:
+            prepared.prompt = build_prompt(question, len(clips), system_prompt)
         if count_tokens is not None:
             count_prompt_tokens(prepared, count_tokens, options)
     except InputError as exc:
@@ -1249,7 +1343,8 @@ def answer_requests(
     request order (the records of the CLI's JSONL output).
 
     llm is a vllm.LLM, or a function that makes one: then the first requests'
-    audio is decoded while the engine starts. Audio is decoded ahead in
+    audio is decoded while the engine starts (unless options.prompt_format
+    is "auto": the engine's checkpoint tells chat from raw first). Audio is decoded ahead in
     options.decode_workers threads, and the engine is kept fed: a request's
     segments go in as soon as its audio is ready and a slot is free, and its
     record comes out when it finishes, after those of the requests before it.
@@ -1263,6 +1358,12 @@ def answer_requests(
     from vllm.sampling_params import RequestOutputKind
 
     options = options or Options()
+    if options.prompt_format == "auto":  # the engine's checkpoint decides
+        llm = llm if hasattr(llm, "generate") else llm()
+        model = Path(llm.llm_engine.model_config.model)
+        options = dataclasses.replace(
+            options, prompt_format=choose_prompt_format("auto", model if model.is_dir() else None)
+        )
     params = copy.copy(sampling_params or tutorial_sampling_params())
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
@@ -1455,21 +1556,97 @@ def result_record(
         "output_tokens": sum(p["output_tokens"] for p in parts),
         "finish_reason": parts[-1]["finish_reasons"][0],
         "audio_seconds": round(prepared.audio_seconds, 3),
+        # Each clip's length as given: a subtitle cue spans the first one.
+        "clip_seconds": [round(s, 3) for s in prepared.clip_seconds],
         "timing": timing,
     }
     if len(parts) > 1:
         record["segments"] = parts
-    if prepared.warnings:
-        record["warnings"] = [printable(w) for w in prepared.warnings]
+    warnings = list(prepared.warnings)
+    if request.reference is not None:
+        record.update(reference=request.reference, language=request.language)
+        score = score_answer(answers[0], request.reference, request.language)
+        if score is None:
+            warnings.append(
+                f"request {request.id}: the reference has no words left after "
+                "normalisation (only punctuation or tags?): not scored"
+            )
+        else:
+            record[score["metric"]] = round(score["edits"] / score["reference_units"], 4)
+            record["score"] = score
+    if warnings:
+        record["warnings"] = [printable(w) for w in warnings]
     return record
 
 
 def error_record(prepared: PreparedRequest) -> dict[str, Any]:
     assert prepared.error is not None
-    return {
-        "id": prepared.request.id,
-        "audio": [printable(a) for a in prepared.request.audio],
+    request = prepared.request
+    record = {
+        "id": request.id,
+        "audio": [printable(a) for a in request.audio],
         "error": {"type": prepared.error.kind, "message": printable(str(prepared.error))},
+    }
+    if request.reference is not None:  # counted apart in the WER/CER summary
+        record.update(reference=request.reference, language=request.language)
+    return record
+
+
+# --------------------------------------------------------------------------
+# Results: WER/CER against a reference
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
+    """jiwer and Whisper's English and basic text normalisers (imported on
+    first use: runs without references do not need them)."""
+    try:
+        import jiwer
+        from whisper_normalizer.basic import BasicTextNormalizer
+        from whisper_normalizer.english import EnglishTextNormalizer
+    except ImportError as exc:
+        raise InputError(
+            f"references in the manifest need jiwer and whisper-normalizer ({exc.name} "
+            "is not installed): pip install -r requirements.txt"
+        )
+    return jiwer, EnglishTextNormalizer(), BasicTextNormalizer()
+
+
+def normalize_for_scoring(text: str, language: str) -> str:
+    """Qwen2-Audio's evaluation: tags such as <|en|> dropped, English through
+    Whisper's English normaliser and then the basic one (as their script
+    effectively does), other languages through the basic one (lower case, no
+    punctuation); character-scored languages lose their spaces."""
+    _, english, basic = scoring_tools()
+    primary = language.split("-")[0]
+    text = re.sub(r"<\|[^|]*\|>", " ", text)
+    if primary == "en":
+        text = english(text)
+    words = basic(text).split()
+    return "".join(words) if primary in CER_LANGUAGES else " ".join(words)
+
+
+def score_answer(answer: str, reference: str, language: str) -> dict[str, Any] | None:
+    """Edit counts of an answer against its reference (jiwer): WER, or CER for
+    zh/yue/ja/ko/th. None when the reference normalises to nothing."""
+    jiwer = scoring_tools()[0]
+    primary = language.split("-")[0]
+    ref = normalize_for_scoring(reference, language)
+    hyp = normalize_for_scoring(answer, language)
+    if not ref:
+        return None
+    by_character = primary in CER_LANGUAGES
+    counts = jiwer.process_characters(ref, hyp) if by_character else jiwer.process_words(ref, hyp)
+    return {
+        "metric": "cer" if by_character else "wer",
+        "edits": counts.substitutions + counts.deletions + counts.insertions,
+        "reference_units": counts.substitutions + counts.deletions + counts.hits,
+        "substitutions": counts.substitutions,
+        "deletions": counts.deletions,
+        "insertions": counts.insertions,
+        "reference_normalized": ref,
+        "answer_normalized": hyp,
     }
 
 
@@ -1599,7 +1776,153 @@ class TextWriter:
         self.out.close(complete)
 
 
-Writer = JsonlWriter | JsonWriter | TextWriter
+class SubtitleWriter:
+    """One request's answer as subtitles (srt, vtt) or a cue table (tsv)."""
+
+    def __init__(self, out: OutputFile, fmt: str) -> None:
+        self.out, self.fmt = out, fmt
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "error" not in record:
+            self.out.write(render(self.fmt, record))
+
+    def close(self, complete: bool) -> None:
+        self.out.close(complete)
+
+
+SUBTITLE_FORMATS = ("srt", "vtt", "tsv")
+OUTPUT_FORMATS = ("text", "json", "jsonl", *SUBTITLE_FORMATS)
+# A file per request (--output-dir): a jsonl record is a json file there.
+FILE_SUFFIXES = {"text": ".txt", "json": ".json", "jsonl": ".json"}
+FILE_SUFFIXES.update({fmt: f".{fmt}" for fmt in SUBTITLE_FORMATS})
+
+
+def cues(record: dict[str, Any]) -> list[tuple[float, float, str]]:
+    """(start, end, text) per segment of the first answer: a split clip's
+    segments with their real times, else one cue over the first clip."""
+    if "segments" in record:
+        parts = [(s["start"], s["end"], s["answers"][0]) for s in record["segments"]]
+    else:
+        parts = [(0.0, record["clip_seconds"][0], record["answer"])]
+    # A blank line ends a cue and "-->" starts one: neither may be in a text.
+    return [
+        (start, end, "\n".join(line.strip() for line in text.splitlines() if line.strip()))
+        for start, end, text in parts
+        if text.strip()
+    ]
+
+
+def timestamp(seconds: float, decimal: str) -> str:
+    ms = round(seconds * 1000)
+    hours, minutes, secs = ms // 3_600_000, ms // 60_000 % 60, ms // 1000 % 60
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms % 1000:03d}"
+
+
+def render_srt(record: dict[str, Any]) -> str:
+    return "".join(
+        f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text.replace('-->', '->')}\n\n"
+        for i, (a, b, text) in enumerate(cues(record), start=1)
+    )
+
+
+def render_vtt(record: dict[str, Any]) -> str:
+    return "WEBVTT\n\n" + "".join(
+        f"{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text.replace('-->', '->')}\n\n"
+        for a, b, text in cues(record)
+    )
+
+
+def render_tsv(record: dict[str, Any]) -> str:
+    rows = "".join(
+        f"{round(a * 1000)}\t{round(b * 1000)}\t{' '.join(text.split())}\n"
+        for a, b, text in cues(record)
+    )
+    return "start\tend\ttext\n" + rows
+
+
+def render(fmt: str, record: dict[str, Any]) -> str:
+    """One record as a file of the format (what --output-dir writes)."""
+    if fmt in ("json", "jsonl"):
+        return json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+    if fmt == "text":
+        return "".join(f"{answer}\n" for answer in record["answers"])
+    return {"srt": render_srt, "vtt": render_vtt, "tsv": render_tsv}[fmt](record)
+
+
+class DirectoryWriter:
+    """One file per request in a directory, named after its id (made safe),
+    each written whole (a temporary file renamed into place): a file that
+    exists is a finished request, which is what --resume skips."""
+
+    def __init__(self, directory: Path, fmt: str) -> None:
+        self.directory, self.fmt = directory, fmt
+        self.lock = lock_directory(directory)
+
+    def path(self, request_id: str) -> Path:
+        return self.directory / output_file_name(request_id, self.fmt)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "error" in record:  # no file: a --resume retries it
+            return
+        target = self.path(record["id"])
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with STOP_SIGNALS.deferred():
+            try:
+                temporary.write_text(render(self.fmt, record), encoding="utf-8")
+                os.replace(temporary, target)
+            except OSError as exc:
+                temporary.unlink(missing_ok=True)
+                raise OutputError(
+                    f"--output-dir {self.directory}: cannot write {target.name} "
+                    f"({exc.strerror or exc}); the files written before it are whole; "
+                    "free space, then rerun with --resume"
+                )
+
+    def close(self, complete: bool) -> None:
+        os.close(self.lock)
+
+
+def output_file_name(request_id: str, fmt: str) -> str:
+    """A file name for an id: percent-encoding keeps distinct ids distinct
+    ("a/b" and "a%2Fb" too) and leaves no path separator; a leading dot is
+    encoded (no hidden files); very long ids end in a hash of the whole id."""
+    name = urllib.parse.quote(request_id, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > 200:
+        name = name[:150] + "~" + hashlib.sha256(request_id.encode()).hexdigest()[:16]
+    return name + FILE_SUFFIXES[fmt]
+
+
+def lock_directory(directory: Path) -> int:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(
+            f"--output-dir {directory}: cannot create or open it ({exc.strerror}); "
+            "choose a directory you can write to"
+        )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(
+            f"--output-dir {directory}: another run is writing to it; wait for it "
+            "or choose another directory"
+        )
+    try:  # read-only mounts pass mkdir: a real file proves the directory writable
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        os.close(fd)
+        raise InputError(
+            f"--output-dir {directory}: cannot write in it ({exc.strerror}); "
+            "choose a directory you can write to"
+        )
+    return fd
+
+
+Writer = JsonlWriter | JsonWriter | TextWriter | SubtitleWriter | DirectoryWriter
 
 
 def make_writer(fmt: str, out: OutputFile, with_ids: bool) -> Writer:
@@ -1607,6 +1930,8 @@ def make_writer(fmt: str, out: OutputFile, with_ids: bool) -> Writer:
         return JsonlWriter(out)
     if fmt == "json":
         return JsonWriter(out)
+    if fmt in SUBTITLE_FORMATS:
+        return SubtitleWriter(out, fmt)
     return TextWriter(out, with_ids)
 
 
@@ -1622,9 +1947,12 @@ def file_descriptor(stream: TextIO) -> int | None:
 # --------------------------------------------------------------------------
 
 
-def read_finished_ids(path: Path, retry_errors: bool) -> set[str]:
+def read_finished_ids(
+    path: Path, retry_errors: bool, on_record: Callable[[dict[str, Any]], None] | None = None
+) -> set[str]:
     """Ids already in a jsonl output; repairs a torn last line and, with
-    retry_errors, drops error records so each id ends up exactly once."""
+    retry_errors, drops error records so each id ends up exactly once.
+    on_record sees each record kept (the report counts their scores)."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -1641,6 +1969,8 @@ def read_finished_ids(path: Path, retry_errors: bool) -> set[str]:
             continue
         kept.append(line)
         finished.add(request_id)
+        if on_record is not None:
+            on_record(record)
     repaired = b"".join(line + b"\n" for line in kept)
     if repaired != data:
         temporary = path.with_name(path.name + ".resume-tmp")
@@ -1664,6 +1994,46 @@ def lock_output(stream: TextIO, path: Path) -> None:
 
 
 @dataclasses.dataclass
+class CorpusScore:
+    """WER or CER over the scored requests of one language: total edits over
+    total reference words (characters), not a mean of per-request rates."""
+
+    metric: str
+    edits: int = 0
+    reference_units: int = 0
+    scored: int = 0
+    failed: int = 0  # requests with a reference that ended in an error: not scored
+    unscored: int = 0  # answered, but the reference normalised to nothing
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            self.failed += 1
+        elif "score" in record:
+            self.scored += 1
+            self.edits += record["score"]["edits"]
+            self.reference_units += record["score"]["reference_units"]
+        else:
+            self.unscored += 1
+
+    def summary(self) -> dict[str, Any]:
+        rate = self.edits / self.reference_units if self.reference_units else None
+        return {self.metric: None if rate is None else round(rate, 4), **dataclasses.asdict(self)}
+
+    def line(self, language: str) -> str:
+        units = "characters" if self.metric == "cer" else "words"
+        rate = (
+            f"{100 * self.edits / self.reference_units:.2f}% "
+            f"({self.edits} edits / {self.reference_units} reference {units})"
+            if self.reference_units
+            else "n/a"
+        )
+        return (
+            f"{self.metric.upper()} {language}: {rate} over {self.scored} scored "
+            f"request(s); {self.failed} failed, {self.unscored} unscorable (not counted)"
+        )
+
+
+@dataclasses.dataclass
 class RunReport:
     requests: int = 0
     ok: int = 0
@@ -1677,8 +2047,18 @@ class RunReport:
     engine_start_seconds: float = 0.0
     generate_seconds: float = 0.0  # engine ready to last record
     wait_for_audio_seconds: float = 0.0  # engine idle, waiting on decoding
+    scores: dict[str, CorpusScore] = dataclasses.field(default_factory=dict)  # by language
+
+    def add_score(self, record: dict[str, Any]) -> None:
+        """Count a record in its language's WER/CER (records of an earlier
+        run too, when resuming: the figures cover the whole output)."""
+        if "reference" in record:
+            language = record.get("language", "en")
+            metric = "cer" if language.split("-")[0] in CER_LANGUAGES else "wer"
+            self.scores.setdefault(language, CorpusScore(metric)).add(record)
 
     def add(self, record: dict[str, Any]) -> None:
+        self.add_score(record)
         if "error" in record:
             self.failed += 1
             return
@@ -1693,8 +2073,10 @@ class RunReport:
     def summary(self) -> dict[str, Any]:
         wall = max(self.wall_seconds, 1e-9)
         gen = max(self.generate_seconds, 1e-9)
+        numbers = {k: v for k, v in dataclasses.asdict(self).items() if k != "scores"}
         return {
-            **{k: round(v, 4) for k, v in dataclasses.asdict(self).items()},
+            **{k: round(v, 4) for k, v in numbers.items()},
+            "scores": {lang: self.scores[lang].summary() for lang in sorted(self.scores)},
             "real_time_factor": round(self.audio_seconds / wall, 3),
             "requests_per_second": round(self.ok / wall, 3),
             "prompt_tokens_per_second": round(self.prompt_tokens / gen, 1),
@@ -1714,6 +2096,7 @@ class RunReport:
             f"workers), engine start {self.engine_start_seconds:.2f} s, generation "
             f"{self.generate_seconds:.2f} s, engine waiting for audio "
             f"{self.wait_for_audio_seconds:.2f} s",
+            *(self.scores[lang].line(lang) for lang in sorted(self.scores)),
         ]
 
 
@@ -1733,6 +2116,7 @@ def dry_run(
     out = sys.stdout
     failed = 0
     largest_prompt = 0
+    out.write(f"# prompt format: {options.prompt_format}\n")
     for request in requests:
         prepared = prepare_request(request, options, count)
         if prepared.error is not None:
@@ -2005,20 +2389,57 @@ class Progress:
             self.bar.close()
 
 
-def output_format(args: argparse.Namespace) -> str:
-    if args.output_format:
-        return args.output_format
-    suffix = args.output.suffix.lower() if args.output else ""
-    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+def output_format(args: argparse.Namespace, batch: bool) -> str:
+    """The format asked for, or the one --output's suffix names; checked
+    against where the results go."""
+    if args.output and args.output_dir:
+        raise InputError("--output and --output-dir: give one (a file, or a file per request)")
+    fmt = args.output_format
+    if fmt is None and args.output_dir:
+        fmt = "json"
+    if fmt is None:
+        suffix = args.output.suffix.lower() if args.output else ""
+        fmt = {".json": "json", ".jsonl": "jsonl", ".srt": "srt", ".vtt": "vtt"}.get(suffix)
+        fmt = fmt or {".tsv": "tsv"}.get(suffix, "text")
+    if fmt in SUBTITLE_FORMATS and batch and not args.output_dir:
+        raise InputError(
+            f"--output-format {fmt}: subtitles are one file per recording; "
+            "add --output-dir DIR for a batch"
+        )
+    return fmt
+
+
+def open_writer(
+    args: argparse.Namespace,
+    fmt: str,
+    request_ids: list[str],
+    batch: bool,
+    on_record: Callable[[dict[str, Any]], None],
+) -> tuple[Writer, set[str]]:
+    """The writer for the results and the ids a --resume may skip."""
+    if args.output_dir is None:
+        out, finished = open_output(args.output, fmt, args.resume, args.retry_errors, on_record)
+        return make_writer(fmt, out, with_ids=batch), finished
+    writer = DirectoryWriter(args.output_dir, fmt)
+    if not args.resume:
+        return writer, set()
+    names = set(os.listdir(args.output_dir))
+    return writer, {i for i in request_ids if output_file_name(i, fmt) in names}
 
 
 def open_output(
-    path: Path | None, fmt: str, resume: bool, retry_errors: bool
+    path: Path | None,
+    fmt: str,
+    resume: bool,
+    retry_errors: bool,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[OutputFile, set[str]]:
     """The output (locked) and the ids a --resume may skip."""
     if path is None:
         if resume:
-            raise InputError("--resume needs --output FILE.jsonl to resume from")
+            raise InputError(
+                "--resume needs --output FILE.jsonl or --output-dir DIR to resume from"
+            )
         return OutputFile(None), set()
     if resume and fmt != "jsonl":
         raise InputError(f"--resume: --output {path} must be jsonl to resume")
@@ -2029,7 +2450,7 @@ def open_output(
         return out, set()
     # Read under the lock; the repair of a torn last line may replace the
     # file, so it is opened (and locked) again after.
-    finished = read_finished_ids(path, retry_errors)
+    finished = read_finished_ids(path, retry_errors, on_record)
     out.close(complete=False)
     return OutputFile(path), finished
 
@@ -2077,16 +2498,23 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     llm_kwargs = engine_kwargs(max_clips=max((len(r.audio) for r in requests), default=1), **flags)
     # Loading the processor also checks the checkpoint before minutes of loading.
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
+    prompt_format = choose_prompt_format(args.prompt_format, model.directory)
+    if args.prompt_format == "auto" and prompt_format == "raw" and not args.dry_run:
+        log(f"note: --prompt-format {prompt_format}: the checkpoint has no chat template")
+    options = dataclasses.replace(options, prompt_format=prompt_format)
+    if any(r.reference is not None for r in requests):
+        scoring_tools()  # missing packages fail now, not after the engine started
     if args.dry_run:
         config = load_model_config(model.directory)
         return dry_run(requests, options, llm_kwargs, count_tokens, config, args.device_memory_gb)
     batch = bool(args.manifest or args.audio_dir)
+    fmt = output_format(args, batch)
     todo: list[Any] = requests if batch else check_before_loading(requests, options, count_tokens)
-    fmt = output_format(args)
-    out, finished = open_output(args.output, fmt, args.resume, args.retry_errors)
-    writer = make_writer(fmt, out, with_ids=batch)
+    report = RunReport(requests=len(requests))
+    ids = [r.id for r in todo]
+    writer, finished = open_writer(args, fmt, ids, batch, report.add_score)
     todo = [r for r in todo if r.id not in finished]
-    report = RunReport(requests=len(requests), skipped=len(requests) - len(todo))
+    report.skipped = len(requests) - len(todo)
     progress = Progress(len(todo), enabled=batch and not args.no_progress)
 
     def start() -> Any:
@@ -2099,7 +2527,8 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     complete = False
     try:
         if not todo:
-            log(f"nothing to do: all {len(requests)} request(s) are in {args.output}")
+            where = args.output or args.output_dir
+            log(f"nothing to do: all {len(requests)} request(s) are in {where}")
         else:
             for record in answer_requests(start, todo, build_sampling_params(args), options):
                 writer.write(record)
