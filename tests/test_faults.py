@@ -220,22 +220,6 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
     assert records[: len(after_int)] == after_int  # what was written stays as it was
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 64 KiB tmpfs: a real disk that fills up (ENOSPC)."""
-    mount_point = tmp_path / "tiny-fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-        capture_output=True,
-    )
-    assert mounted.returncode == 0, (
-        "the disk-full test mounts a 64 KiB tmpfs and needs root: " + mounted.stderr.decode()
-    )
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
     tiny_model, tmp_path, tiny_filesystem, home
 ):

@@ -136,6 +136,29 @@ def test_file_names_are_safe_and_distinct_for_distinct_ids(ids):
         assert len(name.encode()) <= 255 and name.endswith(".srt")
 
 
+def test_full_disk_in_the_output_dir_leaves_whole_files_only(tiny_filesystem):
+    (tiny_filesystem / "filler").write_bytes(b"\x00" * (60 * 1024))  # 4 KiB left
+    out = tiny_filesystem / "results"
+    writer = tool.DirectoryWriter(out, "json")
+    writer.write({"id": "small", "answer": "hi", "answers": ["hi"]})
+    with pytest.raises(tool.OutputError) as raised:
+        writer.write({"id": "large", "answer": "x" * 20_000, "answers": ["x" * 20_000]})
+    writer.close(complete=False)
+    assert str(raised.value) == (
+        f"--output-dir {out}: cannot write large.json (No space left on device); the files "
+        "written before it are whole; free space, then rerun with --resume"
+    )
+    assert [p.name for p in out.iterdir()] == ["small.json"]
+
+
+def test_a_second_run_on_the_same_output_dir_refuses(tmp_path):
+    first = tool.DirectoryWriter(tmp_path / "results", "srt")
+    with pytest.raises(tool.InputError, match="another run is writing to it"):
+        tool.DirectoryWriter(tmp_path / "results", "srt")
+    first.close(complete=True)
+    tool.DirectoryWriter(tmp_path / "results", "srt").close(complete=True)  # free again
+
+
 def test_output_dir_that_is_a_file(tiny_model, recordings, home, tmp_path):
     taken = tmp_path / "results"
     taken.write_text("not a directory")
