@@ -243,6 +243,12 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def one_line(text: str) -> str:
+    """text for a one-line message: control characters (a newline in an id)
+    shown escaped, so that every error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 # --------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------
@@ -474,7 +480,7 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
         raise InputError(f'{where}: "id" must be a non-empty string')
     request_id = printable(request_id)
     try:
-        return manifest_request(item, request_id, f"{where} (id {request_id})", base_dir)
+        return manifest_request(item, request_id, f"{where} (id {one_line(request_id)})", base_dir)
     except InputError as exc:
         return AudioRequest(id=request_id, audio=[], error=exc)
 
@@ -1052,14 +1058,13 @@ def prepare_request(
         question = question_for(request, options)
         system_prompt = request.system_prompt or options.system_prompt
         raw = options.prompt_format == "raw"
+        name = f"request {one_line(request.id)}"
         if not options.allow_special_tokens:
-            check_no_special_tokens(question, f"request {request.id}: question")
+            check_no_special_tokens(question, f"{name}: question")
             if not raw:
-                check_no_special_tokens(system_prompt, f"request {request.id}: system prompt")
+                check_no_special_tokens(system_prompt, f"{name}: system prompt")
         if raw and request.system_prompt:
-            prepared.warnings.append(
-                f"request {request.id}: system_prompt not used (--prompt-format raw has none)"
-            )
+            prepared.warnings.append(f"{name}: system_prompt not used (the raw prompt has none)")
         clips = [load_clip(source, options) for source in request.audio]
         prepared.audio_seconds = sum(c.seconds for c in clips)
         prepared.clip_seconds = [c.seconds for c in clips]
@@ -1091,7 +1096,7 @@ def count_prompt_tokens(
 def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
     if prompt_tokens >= options.max_model_len:
         raise InputError(
-            f"request {request_id}: prompt needs {prompt_tokens} tokens but "
+            f"request {one_line(request_id)}: prompt needs {prompt_tokens} tokens but "
             f"--max-model-len is {options.max_model_len}; raise --max-model-len "
             "or send fewer/shorter clips"
         )
@@ -1476,8 +1481,9 @@ class EngineFeeder:
                     )
                 except ValueError as exc:  # vLLM refused this prompt
                     self.drop(entry)
+                    name = one_line(entry.prepared.request.id)
                     entry.prepared.error = InputError(
-                        f"request {entry.prepared.request.id}: the engine refused it ({exc})",
+                        f"request {name}: the engine refused it ({exc})",
                         kind="engine_rejected",
                     )
                     break
@@ -1568,7 +1574,7 @@ def result_record(
         score = score_answer(answers[0], request.reference, request.language)
         if score is None:
             warnings.append(
-                f"request {request.id}: the reference has no words left after "
+                f"request {one_line(request.id)}: the reference has no words left after "
                 "normalisation (only punctuation or tags?): not scored"
             )
         else:
@@ -2123,7 +2129,7 @@ def dry_run(
             failed += 1
             log(f"error: {prepared.error}")
             continue
-        out.write(f"# request {request.id}\n{prepared.prompt}\n")
+        out.write(f"# request {one_line(request.id)}\n{prepared.prompt}\n")
         for warning in prepared.warnings:
             out.write(f"# warning: {warning}\n")
         for i, seg in enumerate(prepared.segments):
@@ -2469,7 +2475,7 @@ def check_before_loading(
 
 def log_problems(record: dict[str, Any]) -> None:
     if "error" in record:
-        log(f"error: {record['id']}: {record['error']['message']}")
+        log(f"error: {one_line(record['id'])}: {record['error']['message']}")
     for warning in record.get("warnings", []):
         log(f"warning: {warning}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import run_qwen2_audio as tool
@@ -30,6 +30,7 @@ manifest_objects = st.dictionaries(
 
 
 @FUZZ
+@example('{"id": "0\\n"}')  # an id with a newline: its error is still one line
 @given(st.text() | manifest_objects.map(json.dumps))
 def test_any_manifest_line_is_a_request_or_one_input_error(line):
     try:
@@ -41,7 +42,8 @@ def test_any_manifest_line_is_a_request_or_one_input_error(line):
     request.id.encode("utf-8")  # printable: it goes into the output as is
     if request.error is not None:  # a bad line with a usable id keeps it
         message = str(request.error)
-        assert message.startswith(f"manifest line 7 (id {request.id})") and "\n" not in message
+        shown = tool.one_line(request.id)
+        assert message.startswith(f"manifest line 7 (id {shown})") and "\n" not in message
         return
     assert request.audio and all(isinstance(a, str) for a in request.audio)
     for source in request.audio:  # an http(s) URL or an absolute local path
