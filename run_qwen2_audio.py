@@ -1619,33 +1619,37 @@ def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
     return jiwer, EnglishTextNormalizer(), BasicTextNormalizer()
 
 
+def metric_for(language: str) -> str:
+    """cer for languages written without spaces between words, else wer."""
+    return "cer" if language.split("-")[0] in CER_LANGUAGES else "wer"
+
+
 def normalize_for_scoring(text: str, language: str) -> str:
     """Qwen2-Audio's evaluation: tags such as <|en|> dropped, English through
     Whisper's English normaliser and then the basic one (as their script
     effectively does), other languages through the basic one (lower case, no
     punctuation); character-scored languages lose their spaces."""
     _, english, basic = scoring_tools()
-    primary = language.split("-")[0]
     text = re.sub(r"<\|[^|]*\|>", " ", text)
-    if primary == "en":
+    if language.split("-")[0] == "en":
         text = english(text)
     words = basic(text).split()
-    return "".join(words) if primary in CER_LANGUAGES else " ".join(words)
+    return "".join(words) if metric_for(language) == "cer" else " ".join(words)
 
 
 def score_answer(answer: str, reference: str, language: str) -> dict[str, Any] | None:
     """Edit counts of an answer against its reference (jiwer): WER, or CER for
     zh/yue/ja/ko/th. None when the reference normalises to nothing."""
     jiwer = scoring_tools()[0]
-    primary = language.split("-")[0]
     ref = normalize_for_scoring(reference, language)
     hyp = normalize_for_scoring(answer, language)
     if not ref:
         return None
-    by_character = primary in CER_LANGUAGES
-    counts = jiwer.process_characters(ref, hyp) if by_character else jiwer.process_words(ref, hyp)
+    metric = metric_for(language)
+    process = jiwer.process_characters if metric == "cer" else jiwer.process_words
+    counts = process(ref, hyp)
     return {
-        "metric": "cer" if by_character else "wer",
+        "metric": metric,
         "edits": counts.substitutions + counts.deletions + counts.insertions,
         "reference_units": counts.substitutions + counts.deletions + counts.hits,
         "substitutions": counts.substitutions,
@@ -2060,8 +2064,7 @@ class RunReport:
         run too, when resuming: the figures cover the whole output)."""
         if "reference" in record:
             language = record.get("language", "en")
-            metric = "cer" if language.split("-")[0] in CER_LANGUAGES else "wer"
-            self.scores.setdefault(language, CorpusScore(metric)).add(record)
+            self.scores.setdefault(language, CorpusScore(metric_for(language))).add(record)
 
     def add(self, record: dict[str, Any]) -> None:
         self.add_score(record)
@@ -2405,8 +2408,7 @@ def output_format(args: argparse.Namespace, batch: bool) -> str:
         fmt = "json"
     if fmt is None:
         suffix = args.output.suffix.lower() if args.output else ""
-        fmt = {".json": "json", ".jsonl": "jsonl", ".srt": "srt", ".vtt": "vtt"}.get(suffix)
-        fmt = fmt or {".tsv": "tsv"}.get(suffix, "text")
+        fmt = {f".{name}": name for name in OUTPUT_FORMATS}.get(suffix, "text")
     if fmt in SUBTITLE_FORMATS and batch and not args.output_dir:
         raise InputError(
             f"--output-format {fmt}: subtitles are one file per recording; "
