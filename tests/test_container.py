@@ -205,10 +205,11 @@ def test_readme_run_line_answers_own_audio_like_transformers(
 
 def test_no_arguments_is_the_tutorial_printing_the_answer_only(cache, tiny_model, tmp_path, images):
     """`docker run ... run-qwen2-audio`: the demo clips and the model (under
-    the tutorial's id, where ModelScope keeps it) from the mounted cache,
-    offline; the answer alone on stdout."""
+    the tutorial's id, where ModelScope keeps it) from the mounted cache, on
+    an air-gapped machine (offline declared, and no network in the
+    container at all); the answer alone on stdout."""
     cache_in_modelscope(tiny_model, cache.parent, tool.DEFAULT_MODEL)
-    options = env_options({"HF_HUB_OFFLINE": "1", **CPU_MACHINE_ENV})
+    options = ["--network", "none", *env_options({"HF_HUB_OFFLINE": "1", **CPU_MACHINE_ENV})]
     result = sh(here(COMMANDS["tutorial"], cache, options), tmp_path, tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
     # Random weights: the text is random (newlines too); what matters is that
@@ -234,16 +235,18 @@ def test_bad_input_exits_2_with_one_line(user_folder, cache, tiny_model, tmp_pat
 def test_docker_stop_keeps_whole_lines_and_resume_in_a_new_container_finishes(
     user_folder, cache, tiny_model, tmp_path
 ):
-    """A 40-clip batch in a container, `podman stop` once some records are
+    """An 80-clip batch in a container, `podman stop` once some records are
     written: SIGTERM reaches the script (the container's first process), it
     exits 143 with whole lines; the same command with --resume, in a new
     container, writes each remaining id once and leaves the rest as it was."""
-    ids = [f"clip-{i:02d}" for i in range(40)]
+    # Long enough (80 x 32 tokens, one at a time: about 40 s of generation)
+    # that the stop lands mid-run on a loaded machine; 40 x 16 once did not.
+    ids = [f"clip-{i:02d}" for i in range(80)]
     (user_folder / "audio/jobs.jsonl").write_text(
         "".join(json.dumps({"id": i, "audio": "/data/x.wav"}) + "\n" for i in ids)
     )
     batch = ["--manifest", "/data/jobs.jsonl", "--output", "/results/out.jsonl"]
-    one_at_a_time = [*TINY_MODEL_FLAGS, "--max-num-seqs", "1"]
+    one_at_a_time = [*TINY_MODEL_FLAGS[:-1], "32", "--max-num-seqs", "1"]
     name = f"rqa-stop-{os.getpid()}"
     run_line = COMMANDS["run"].split(" run-qwen2-audio ")[0] + " run-qwen2-audio"
 
