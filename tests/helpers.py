@@ -5,11 +5,14 @@ version under test."""
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +161,55 @@ def load_json_output(result: subprocess.CompletedProcess) -> list[dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class HeldAudioServer:
+    """A local HTTP server whose audio answer is held until release().
+
+    A batch whose last request (by id) is HeldAudioServer.url cannot finish
+    before the test has done what it does mid-run (a signal, a kill, a
+    stop): the outcome never depends on which comes first, the batch's end
+    or the test's action. Released (or closed), it answers at once.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import soundfile
+
+        buffer = io.BytesIO()
+        soundfile.write(buffer, tone(1, 16000, 520), 16000, format="WAV")
+        body, released = buffer.getvalue(), threading.Event()
+        self.released = released
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                released.wait()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "audio/wav")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the run that asked was killed meanwhile
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/held.wav"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> HeldAudioServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

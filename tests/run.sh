@@ -76,6 +76,23 @@ ensure() {
   fi
 }
 
+# ensure_plain: a user's virtualenv before vLLM is there, made by the README's
+# `pip install -r requirements.txt` alone; the tests of what the script says
+# where vLLM cannot be imported run in it. Rebuilt when requirements.txt changes.
+ensure_plain() {
+  local venv
+  venv="$CACHE/plain-$(sha256sum < requirements.txt | cut -c1-12)"
+  if [ ! -f "$venv/.complete" ]; then
+    echo "building $venv (requirements.txt alone, no vLLM)" >&2
+    find "$CACHE" -maxdepth 1 -name "plain-*" -exec rm -rf {} +
+    { python3 -m venv "$venv" &&
+      "$venv/bin/pip" install -q --disable-pip-version-check -r requirements.txt; } \
+      > "$venv.log" 2>&1 || { tail -n 30 "$venv.log" >&2; return 1; }
+    touch "$venv/.complete"
+  fi
+  echo "$venv"
+}
+
 MAIN=$(venv_dir vllm032 "$ENGINE_032")
 OLD=$(venv_dir vllm023 "$ENGINE_023")
 # Both at once: downloads and unpacking overlap on two cores.
@@ -83,11 +100,15 @@ ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
 main_build=$!
 ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt requirements.txt
 wait "$main_build"
+PLAIN=$(ensure_plain)
 
-# The Slurm tests start a real single-node Slurm: its daemons come from Debian.
-if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
-  echo "installing slurm-wlm and munge (apt-get, once)" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; } \
+# The Slurm tests start a real single-node Slurm: its daemons come from
+# Debian; ffmpeg makes the multi-channel AAC/M4A files the decoding tests read.
+if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null ||
+  ! command -v ffmpeg > /dev/null; then
+  echo "installing slurm-wlm, munge and ffmpeg (apt-get, once)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    slurm-wlm munge ffmpeg; } \
     > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; exit 1; }
 fi
 
@@ -100,4 +121,4 @@ export "${podman_conf?}"
 "$MAIN/bin/python" -m ruff format --check run_qwen2_audio.py tests bench
 "$MAIN/bin/hadolint" Dockerfile
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
-VLLM023_PYTHON="$OLD/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"
+VLLM023_PYTHON="$OLD/bin/python" PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"

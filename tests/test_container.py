@@ -30,6 +30,7 @@ from helpers import (
     CPU_MACHINE_ENV,
     IN_PROCESS_ENGINE,
     ROOT,
+    HeldAudioServer,
     cache_in_modelscope,
     one_error_line,
     tone,
@@ -232,26 +233,54 @@ def test_bad_input_exits_2_with_one_line(user_folder, cache, tiny_model, tmp_pat
     assert not (user_folder / "results/x.json").exists()
 
 
+def test_the_image_decodes_multichannel_m4a(user_folder, cache, tiny_model, tmp_path):
+    """The README says m4a/aac are accepted: the image must have a decoder for
+    them (PyAV, FFmpeg in a wheel; no ffmpeg program is needed). A 5.1 AAC
+    file made by Debian's ffmpeg, checked by the README's line with
+    --dry-run (decoding and token count, no engine)."""
+    made = subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+         "sine=frequency=440:sample_rate=48000:duration=4", "-af",
+         "aformat=channel_layouts=5.1", "-c:a", "aac", str(user_folder / "audio/x.m4a")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    command = f"{COMMANDS['mkdir']}\n" + here(
+        COMMANDS["run"].replace("/data/x.wav", "/data/x.m4a"),
+        cache,
+        tiny(tiny_model),
+        [*TINY_MODEL_FLAGS, "--dry-run"],
+    )
+    result = sh(command, user_folder, tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens = int(result.stdout.split("audio tokens [")[1].split("]")[0])
+    assert 99 <= tokens <= 102  # 4 s at 25 per second (+ AAC padding)
+
+
 def test_docker_stop_keeps_whole_lines_and_resume_in_a_new_container_finishes(
     user_folder, cache, tiny_model, tmp_path
 ):
-    """An 80-clip batch in a container, `podman stop` once some records are
-    written: SIGTERM reaches the script (the container's first process), it
-    exits 143 with whole lines; the same command with --resume, in a new
-    container, writes each remaining id once and leaves the rest as it was."""
-    # Long enough (80 x 32 tokens, one at a time: about 40 s of generation)
-    # that the stop lands mid-run on a loaded machine; 40 x 16 once did not.
-    ids = [f"clip-{i:02d}" for i in range(80)]
+    """A batch in a container, `podman stop` once some records are written:
+    SIGTERM reaches the script (the container's first process), it exits 143
+    with whole lines; the same command with --resume, in a new container,
+    writes each remaining id once and leaves the rest as it was. The batch's
+    last request is audio from a HeldAudioServer on the host's loopback (the
+    container shares the host's network for it), held until the stop has
+    landed: the batch cannot finish first, however loaded the machine."""
+    held = HeldAudioServer()
+    ids = [f"clip-{i:02d}" for i in range(12)] + ["zz-held"]
     (user_folder / "audio/jobs.jsonl").write_text(
-        "".join(json.dumps({"id": i, "audio": "/data/x.wav"}) + "\n" for i in ids)
+        "".join(json.dumps({"id": i, "audio": "/data/x.wav"}) + "\n" for i in ids[:-1])
+        + json.dumps({"id": "zz-held", "audio": held.url})
+        + "\n"
     )
     batch = ["--manifest", "/data/jobs.jsonl", "--output", "/results/out.jsonl"]
-    one_at_a_time = [*TINY_MODEL_FLAGS[:-1], "32", "--max-num-seqs", "1"]
+    one_at_a_time = [*TINY_MODEL_FLAGS, "--max-num-seqs", "1", "--url-timeout", "3600"]
     name = f"rqa-stop-{os.getpid()}"
     run_line = COMMANDS["run"].split(" run-qwen2-audio ")[0] + " run-qwen2-audio"
 
     def batch_command(*extra: str, layout: Sequence[str] = ()) -> str:
-        options = ["--name", name, *tiny(tiny_model), *layout]
+        options = ["--name", name, "--network", "host", *tiny(tiny_model), *layout]
         return (
             f"{COMMANDS['mkdir']}\n"
             + here(run_line, cache, options)
@@ -261,33 +290,40 @@ def test_docker_stop_keeps_whole_lines_and_resume_in_a_new_container_finishes(
 
     out = user_folder / "results/out.jsonl"
     home = tmp_path / "home"
-    proc = subprocess.Popen(
-        ["bash", "-c", batch_command()],
-        cwd=user_folder,
-        env=podman_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    while not out.exists() or out.read_bytes().count(b"\n") < 2:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    stop = podman("stop", "--time", "60", name, home=home)
-    assert stop.returncode == 0, stop.stderr
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "interrupted by SIGTERM" in stderr
-    data = out.read_bytes()
-    assert data.endswith(b"\n")
-    first = [json.loads(line) for line in data.splitlines()]
-    assert 2 <= len(first) < len(ids)
-    assert podman("container", "exists", name, home=home).returncode == 1  # --rm removed it
+    try:
+        proc = subprocess.Popen(
+            ["bash", "-c", batch_command()],
+            cwd=user_folder,
+            env=podman_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 600
+        while not out.exists() or out.read_bytes().count(b"\n") < 2:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Returns once the container has exited: the held download does not
+        # keep the script alive (its decode threads are not waited for).
+        stop = podman("stop", "--time", "60", name, home=home)
+        assert stop.returncode == 0, stop.stderr
+        stderr = proc.communicate(timeout=120)[1]
+        held.release()
+        assert proc.returncode == 143, stderr[-3000:]
+        assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+        data = out.read_bytes()
+        assert data.endswith(b"\n")
+        first = [json.loads(line) for line in data.splitlines()]
+        assert 2 <= len(first) < len(ids)
+        assert podman("container", "exists", name, home=home).returncode == 1  # --rm removed it
 
-    # The same command plus --resume; the engine in the script's process
-    # here, to save its start-up (the layout was what the stop was about).
-    final = sh(batch_command("--resume", layout=env_options(IN_PROCESS_ENGINE)), user_folder, home)
+        # The same command plus --resume; the engine in the script's process
+        # here, to save its start-up (the layout was what the stop was about).
+        layout = env_options(IN_PROCESS_ENGINE)
+        final = sh(batch_command("--resume", layout=layout), user_folder, home)
+    finally:
+        held.close()
     assert final.returncode == 0, final.stderr[-3000:]
     records = [json.loads(line) for line in out.read_bytes().splitlines()]
     assert sorted(r["id"] for r in records) == ids

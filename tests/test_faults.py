@@ -1,6 +1,10 @@
 """Faults in a real-engine batch run: SIGKILL at random moments, SIGTERM and
-SIGINT, a full disk. Whatever happens, the output holds only complete JSON
-lines, and resuming ends with every id exactly once."""
+SIGINT, a full disk, the engine dying. Whatever happens, the output holds
+only complete JSON lines, and resuming ends with every id exactly once.
+
+A run that a test interrupts cannot finish first: its last request's audio
+comes from a HeldAudioServer, held until the test has acted (a test whose
+outcome depends on which comes first is not a test)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, ROOT, SCRIPT, tone, user_env
+from helpers import (
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    ROOT,
+    SCRIPT,
+    HeldAudioServer,
+    tone,
+    user_env,
+)
 
 import run_qwen2_audio as tool
 
@@ -26,13 +38,17 @@ KILLS = 10
 SEED = int(os.environ.get("FAULT_SEED", random.SystemRandom().randrange(10**6)))
 
 
-def make_manifest(folder: Path, count: int) -> list[str]:
+def make_manifest(folder: Path, count: int, held: HeldAudioServer | None = None) -> list[str]:
+    """count clips and a broken file; with held, a last request ("zz-held")
+    whose audio the server holds until released."""
     lines = []
     for i in range(count):
         soundfile.write(folder / f"c{i:02d}.wav", tone(1 + i % 2, 16000, 200 + 30 * i), 16000)
         lines.append({"id": f"c{i:02d}", "audio": f"c{i:02d}.wav"})
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE" + b"\x00" * 64)
     lines.append({"id": "broken", "audio": "broken.wav"})
+    if held is not None:
+        lines.append({"id": "zz-held", "audio": held.url})
     (folder / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return [x["id"] for x in lines]
 
@@ -56,6 +72,9 @@ def batch_argv(
         "--max-tokens",
         str(tokens),
         "--no-progress",
+        # A held download waits as long as the test needs.
+        "--url-timeout",
+        "3600",
         *CPU_ENGINE_FLAGS,
         *extra,
     ]
@@ -126,35 +145,36 @@ def check_complete_lines(out: Path) -> list[dict]:
 
 
 def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, tmp_path, home):
-    # Long enough (about 17 s to start, 25 s to generate) that ten kills
-    # cannot finish it early.
-    ids = make_manifest(tmp_path, 48)
-    out = tmp_path / "results.jsonl"
-    argv = batch_argv(tmp_path, tiny_model, out, "--resume", chunk=2, tokens=48)
-    rng = random.Random(SEED)
-    seen_mid_run = []
-    for kill in range(KILLS):
-        before = line_count(out)
-        proc = start(argv, home)
-        started = time.monotonic()
-        if kill % 2 == 0:  # any moment: importing, loading, the first chunks
-            time.sleep(rng.uniform(0.2, 18.0))
-        else:  # a moment inside generation: just after a record landed
-            wait_for_lines(proc, out, before + 1)
-            time.sleep(rng.uniform(0.0, 0.3))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        # A kill inside a write may leave a torn last line; resume drops it.
-        records = read_finished_lines(out)
-        assert len(records) == len(set(records)), f"duplicate after kill {kill} (seed {SEED})"
-        seen_mid_run.append(0 < len(records) < len(ids))
-        print(
-            f"kill {kill + 1} (seed {SEED}): at {time.monotonic() - started:.1f} s, records "
-            f"{before} -> {len(records)}, torn tail: {not check_whole(out)}"
-        )
-    assert sum(seen_mid_run) >= KILLS // 2, f"kills did not land mid-run (seed {SEED})"
+    with HeldAudioServer() as held:
+        ids = make_manifest(tmp_path, 24, held)
+        out = tmp_path / "results.jsonl"
+        argv = batch_argv(tmp_path, tiny_model, out, "--resume", chunk=2, tokens=16)
+        rng = random.Random(SEED)
+        seen_mid_run = []
+        for kill in range(KILLS):
+            before = line_count(out)
+            proc = start(argv, home)
+            started = time.monotonic()
+            if kill % 2 == 0:  # any moment: importing, loading, the first chunks
+                time.sleep(rng.uniform(0.2, 18.0))
+            else:  # a moment inside generation: just after a record landed
+                wait_for_lines(proc, out, min(before + 1, len(ids) - 1))
+                time.sleep(rng.uniform(0.0, 0.3))
+            assert proc.poll() is None, "the run ended although its last request is held"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            # A kill inside a write may leave a torn last line; resume drops it.
+            records = read_finished_lines(out)
+            assert len(records) == len(set(records)), f"duplicate after kill {kill} (seed {SEED})"
+            seen_mid_run.append(0 < len(records) < len(ids))
+            print(
+                f"kill {kill + 1} (seed {SEED}): at {time.monotonic() - started:.1f} s, records "
+                f"{before} -> {len(records)}, torn tail: {not check_whole(out)}"
+            )
+        assert sum(seen_mid_run) >= KILLS // 2, f"kills did not land mid-run (seed {SEED})"
 
-    final = finish(argv, home)
+        held.release()
+        final = finish(argv, home)
     assert final.returncode in (0, 1), final.stderr.decode()[-3000:]
     records = check_complete_lines(out)
     assert sorted(r["id"] for r in records) == sorted(ids), f"seed {SEED}"
@@ -177,40 +197,43 @@ def read_finished_lines(out: Path) -> list[str]:
 
 
 def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
-    ids = make_manifest(tmp_path, 12)
-    out = tmp_path / "results.jsonl"
+    with HeldAudioServer() as held:
+        ids = make_manifest(tmp_path, 8, held)
+        out = tmp_path / "results.jsonl"
 
-    # SIGTERM to the script alone, as `kill PID` or a scheduler's stop sends
-    # it, with vLLM's engine core in its own process as users run it.
-    proc = start(batch_argv(tmp_path, tiny_model, out), home, layout={})
-    wait_for_lines(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 143, stderr[-3000:]
-    # Our line comes after vLLM's shutdown logs; Python's multiprocessing
-    # resource tracker (another process) may still warn after it at exit.
-    lines = stderr.strip().splitlines()
-    message = (
-        "interrupted by SIGTERM: results written so far are kept; "
-        f"rerun the same command with --resume to finish {out}"
-    )
-    assert message in lines
-    assert not any("[shutdown]" in line for line in lines[lines.index(message) :])
-    assert session_ends(proc.pid, within=15), "engine processes left running"
-    after_term = check_complete_lines(out)
-    assert 2 <= len(after_term) < len(ids)
+        # SIGTERM to the script alone, as `kill PID` or a scheduler's stop
+        # sends it, with vLLM's engine core in its own process as users run it.
+        proc = start(batch_argv(tmp_path, tiny_model, out), home, layout={})
+        wait_for_lines(proc, out, 2)
+        proc.send_signal(signal.SIGTERM)
+        stderr = stop_and_release(proc, held)
+        assert proc.returncode == 143, stderr[-3000:]
+        # Our line comes after vLLM's shutdown logs; Python's multiprocessing
+        # resource tracker (another process) may still warn after it at exit.
+        lines = stderr.strip().splitlines()
+        message = (
+            "interrupted by SIGTERM: results written so far are kept; "
+            f"rerun the same command with --resume to finish {out}"
+        )
+        assert message in lines
+        assert "Traceback" not in stderr
+        assert not any("[shutdown]" in line for line in lines[lines.index(message) :])
+        assert session_ends(proc.pid, within=15), "engine processes left running"
+        after_term = check_complete_lines(out)
+        assert 2 <= len(after_term) < len(ids)
 
-    # Ctrl-C: SIGINT to the whole process group.
-    proc = start(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
-    wait_for_lines(proc, out, len(after_term) + 1)
-    os.killpg(proc.pid, signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "interrupted by SIGINT" in stderr and "--resume" in stderr.strip().splitlines()[-1]
-    after_int = check_complete_lines(out)
-    assert len(after_term) < len(after_int) < len(ids)
+        # Ctrl-C: SIGINT to the whole process group.
+        held.released.clear()
+        proc = start(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
+        wait_for_lines(proc, out, len(after_term) + 1)
+        os.killpg(proc.pid, signal.SIGINT)
+        stderr = stop_and_release(proc, held)
+        assert proc.returncode == 130, stderr[-3000:]
+        assert "interrupted by SIGINT" in stderr and "--resume" in stderr.strip().splitlines()[-1]
+        after_int = check_complete_lines(out)
+        assert len(after_term) < len(after_int) < len(ids)
 
-    final = finish(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
+        final = finish(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
     # 0: the requests of this run all succeeded ("broken" sorts first and
     # already has its error record from the first run).
     assert final.returncode == 0, final.stderr.decode()[-3000:]
@@ -218,6 +241,76 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
     assert sorted(r["id"] for r in records) == sorted(ids)
     assert [r["id"] for r in records if "error" in r] == ["broken"]
     assert records[: len(after_int)] == after_int  # what was written stays as it was
+
+
+def stop_and_release(proc: subprocess.Popen, held: HeldAudioServer) -> str:
+    """After the signal or kill: the run's stderr once it has exited, which
+    it does while its download is still held (a stop never waits for a
+    download); then the server answers, for the next run."""
+    stderr = proc.communicate(timeout=120)[1].decode()
+    held.release()
+    return stderr
+
+
+def test_a_signal_after_the_last_result_leaves_the_exit_code_alone(tiny_model, tmp_path, home):
+    """A SIGTERM while vLLM shuts down after the last record (a docker stop
+    that comes late) must not turn a finished run into a traceback: the run
+    exits with its own code (1 here: "broken" failed). Whenever the signal
+    lands, before the process ends or after, the outcome is the same."""
+    ids = make_manifest(tmp_path, 3)
+    out = tmp_path / "results.jsonl"
+    proc = start(batch_argv(tmp_path, tiny_model, out), home, layout={})
+    deadline = time.monotonic() + 300
+    while line_count(out) < len(ids) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # a no-op if it has exited already
+    stderr = proc.communicate(timeout=120)[1].decode()
+    print(stderr.strip().splitlines()[-3:])
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted" not in stderr, stderr[-3000:]
+    assert sorted(r["id"] for r in check_complete_lines(out)) == sorted(ids)
+
+
+def test_the_engine_dying_mid_run_exits_70_with_one_line_and_resume_finishes(
+    vllm, tiny_model, tmp_path, home
+):
+    """The engine core process killed (the OOM killer, a driver fault) while
+    the batch runs: exit 70, not 1 (which says "the batch finished"), one
+    line naming what failed and the resume command, the traceback in a file,
+    the records so far whole; --resume then finishes the batch."""
+    with HeldAudioServer() as held:
+        ids = make_manifest(tmp_path, 4, held)
+        out = tmp_path / "results.jsonl"
+        argv = [vllm, *batch_argv(tmp_path, tiny_model, out)[1:]]
+        proc = start(argv, home, layout={})
+        wait_for_lines(proc, out, 2)
+        engine_core = [pid for pid in processes_in_session(proc.pid) if pid != proc.pid]
+        assert engine_core, "vLLM's engine core runs in its own process by default"
+        for pid in engine_core:
+            os.kill(pid, signal.SIGKILL)
+        # The run may be waiting for the held audio with nothing in the
+        # engine: it meets the dead engine when it next uses it. Released
+        # now, the run cannot finish either way: the engine is gone.
+        held.release()
+        stderr = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode == 70, stderr[-3000:]
+        # ("error: broken: ..." lines are the batch's own error records.)
+        ours = [line for line in stderr.splitlines() if line.startswith("error: the run")]
+        assert len(ours) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        assert ours[0].startswith("error: the run crashed (EngineDeadError")
+        assert f"rerun the same command with --resume to finish {out}" in ours[0]
+        traceback_file = Path(ours[0].rsplit("traceback in ", 1)[1])
+        assert "Traceback" in traceback_file.read_text()
+        written = check_complete_lines(out)
+        assert 2 <= len(written) < len(ids)
+        assert session_ends(proc.pid, within=30), "processes left running"
+
+        final = finish([*argv, "--resume"], home)
+    assert final.returncode == 0, final.stderr.decode()[-3000:]
+    records = check_complete_lines(out)
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    assert records[: len(written)] == written
 
 
 def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(

@@ -1,0 +1,812 @@
+"""Robustness of the batch core, without an engine: the engine feeder against
+a fake engine (requests finishing out of order, refused, forgotten or cut
+off, a consumer that stops early, two feeders on one engine), long-audio
+splitting, manifest sources and URLs, downloads cut short or trickling,
+scoring of scripts with combining marks, and stdout on a full disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from helpers import ROOT, speech_like, tone
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError
+
+import run_qwen2_audio as tool
+
+RATE = tool.SAMPLE_RATE
+BASE = Path("/data")
+
+
+# --------------------------------------------------------------------------
+# A fake engine: the part of vLLM's LLMEngine that the feeder drives
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeCompletion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class FakeOutput:
+    request_id: str
+    finished: bool
+    prompt_token_ids: list[int]
+    outputs: list[FakeCompletion]
+
+
+def fake_answer(prompt: dict[str, Any]) -> str:
+    """What the fake model says: the clip named in the question and how much
+    audio it was given, so an answer handed to the wrong request shows."""
+    name = re.search(r"Which clip is (\S+)\?", prompt["prompt"]).group(1)
+    audio = prompt["multi_modal_data"]["audio"]
+    assert all(rate == RATE for _, rate in audio)
+    return f"{name}:{sum(len(samples) for samples, _ in audio) / RATE:.2f}s"
+
+
+def asks_about(name: str):
+    return lambda prompt: f"Which clip is {name}?" in prompt["prompt"]
+
+
+def has_audio(samples: np.ndarray):
+    """The prompt of the segment whose audio is this very array."""
+    return lambda prompt: prompt["multi_modal_data"]["audio"][0][0] is samples
+
+
+class FakeEngine:
+    """Finishes one running request per step: the oldest ("fifo") or the
+    newest ("lifo"), and reports the others as unfinished. Until add_request
+    has been called hold_until times it finishes nothing (so every request is
+    in before the first one finishes, whatever the decode threads' timing).
+    refuse(prompt) gives the exception add_request raises; forget(prompt)
+    makes it accept a request and silently lose it; cut_off(prompt) finishes
+    it at max_tokens (finish_reason "length")."""
+
+    def __init__(
+        self,
+        order: str = "fifo",
+        hold_until: int = 0,
+        refuse=None,
+        forget=None,
+        cut_off=None,
+        max_steps: int = 1000,
+    ) -> None:
+        self.model_config = SimpleNamespace(model="/no/such/checkpoint")
+        self.order, self.hold_until, self.max_steps = order, hold_until, max_steps
+        self.refuse = refuse or (lambda prompt: None)
+        self.forget = forget or (lambda prompt: False)
+        self.cut_off = cut_off or (lambda prompt: False)
+        self.running: dict[str, tuple[dict[str, Any], Any]] = {}
+        self.ids: list[str] = []  # every id add_request was given
+        self.params: list[Any] = []
+        self.aborted: list[str] = []
+        self.finished: list[tuple[str, str]] = []  # (who stepped, answer)
+        self.stepper = ""  # set by a test that interleaves two consumers
+        self.calls = self.steps = self.holds = 0
+
+    def add_request(self, request_id: str, prompt: dict[str, Any], params: Any) -> None:
+        self.calls += 1
+        self.ids.append(request_id)
+        self.params.append(params)
+        problem = self.refuse(prompt)
+        if problem is not None:
+            raise problem
+        if not self.forget(prompt):
+            self.running[request_id] = (prompt, params)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.aborted.extend(request_ids)
+        for request_id in request_ids:
+            self.running.pop(request_id, None)
+
+    def step(self) -> list[FakeOutput]:
+        if self.calls < self.hold_until:
+            self.holds += 1
+            assert self.holds < 20_000, "held for 20 s: fewer requests came than expected"
+            time.sleep(0.001)  # lets a decode thread hand over the next request
+            return []
+        self.steps += 1
+        if self.steps > self.max_steps:
+            raise AssertionError(f"stepped {self.max_steps} times: the feeder waits for ever")
+        if not self.running:
+            return []
+        request_id = list(self.running)[0 if self.order == "fifo" else -1]
+        prompt, params = self.running.pop(request_id)
+        text = fake_answer(prompt)
+        self.finished.append((self.stepper, text))
+        cut = self.cut_off(prompt)
+        completion = FakeCompletion(
+            text, list(range(params.max_tokens if cut else 3)), "length" if cut else "stop"
+        )
+        done = FakeOutput(request_id, True, list(range(10)), [completion])
+        return [*(FakeOutput(i, False, [], []) for i in self.running), done]
+
+
+class FakeTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[str]:
+        return text.split()
+
+
+class FakeLLM:
+    """What answer_requests needs of a vllm.LLM."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.llm_engine = engine
+
+    def generate(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("answer_requests drives the engine step by step")
+
+    def get_tokenizer(self) -> FakeTokenizer:
+        return FakeTokenizer()
+
+
+# A 25 s recording with two pauses: --segment-seconds 10 cuts it in each.
+LONG_PAUSES = [(9.0, 9.6), (18.4, 19.0)]
+OPTIONS = tool.Options(prompt_format="chat", segment_seconds=10, chunk_size=16)
+# Clip r<i> is 1 + i/10 s long, so the fake answer for it is "r<i>:1.<i>0s".
+SHORT = [f"r{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def wavs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wavs")
+    for i, name in enumerate(SHORT):
+        soundfile.write(folder / f"{name}.wav", tone(1 + i / 10, RATE, 200 + 50 * i), RATE)
+    soundfile.write(folder / "long.wav", speech_like(25, LONG_PAUSES), RATE)
+    return folder
+
+
+def prepare(wavs: Path, name: str) -> tool.PreparedRequest:
+    request = tool.AudioRequest(
+        id=name, audio=[str(wavs / f"{name}.wav")], question=f"Which clip is {name}?"
+    )
+    prepared = tool.prepare_request(request, OPTIONS, None)
+    assert prepared.error is None, prepared.error
+    return prepared
+
+
+def answer(engine: FakeEngine, requests: list[tool.PreparedRequest]) -> list[dict[str, Any]]:
+    params = SamplingParams(temperature=0, max_tokens=8)
+    return list(tool.answer_requests(FakeLLM(engine), requests, params, OPTIONS))
+
+
+def segment_answers(prepared: tool.PreparedRequest, skip: int | None = None) -> str:
+    """The fake answers of a split request's segments joined in order."""
+    return " ".join(
+        f"long:{s.end_seconds - s.start_seconds:.2f}s"
+        for i, s in enumerate(prepared.segments)
+        if i != skip
+    )
+
+
+def segment_name(prepared: tool.PreparedRequest, i: int) -> str:
+    s = prepared.segments[i]
+    return (
+        f"segment {i + 1} of {len(prepared.segments)} [{s.start_seconds:.2f}-{s.end_seconds:.2f} s]"
+    )
+
+
+def test_the_long_recording_is_cut_in_its_two_pauses(wavs):
+    """Precondition of the split tests below: 3 segments, cut in the pauses."""
+    long = prepare(wavs, "long")
+    assert len(long.segments) == 3
+    for segment, (start, end) in zip(long.segments[1:], LONG_PAUSES, strict=True):
+        assert start <= segment.start_seconds <= end
+
+
+# --------------------------------------------------------------------------
+# The engine feeder
+# --------------------------------------------------------------------------
+
+
+def test_records_come_in_request_order_with_their_own_answers_whatever_order_they_finish(wavs):
+    engine = FakeEngine(order="lifo", hold_until=len(SHORT))
+    params = SamplingParams(temperature=0, max_tokens=8)
+    requests = [prepare(wavs, name) for name in SHORT]
+    records = list(tool.answer_requests(FakeLLM(engine), requests, params, OPTIONS))
+    expected = ["r0:1.00s", "r1:1.10s", "r2:1.20s", "r3:1.30s", "r4:1.40s", "r5:1.50s"]
+    assert [text for _, text in engine.finished] == expected[::-1]  # the engine went backwards
+    assert [r["id"] for r in records] == SHORT
+    assert [r["answer"] for r in records] == expected
+    assert all("error" not in r and "warnings" not in r for r in records)
+    # The engine gets a copy asking for final outputs only; the caller's is untouched.
+    assert {p.output_kind for p in engine.params} == {RequestOutputKind.FINAL_ONLY}
+    assert params.output_kind != RequestOutputKind.FINAL_ONLY
+
+
+def test_a_segment_the_engine_refuses_costs_that_segment_only(wavs):
+    """The 2nd of 3 segments is refused after the 1st was sent: the request
+    keeps the other two answers, in order, and names the refused one."""
+    requests = [prepare(wavs, "r0"), prepare(wavs, "long"), prepare(wavs, "r1")]
+    long = requests[1]
+    refused = has_audio(long.segments[1].clips[0])
+    engine = FakeEngine(
+        refuse=lambda p: ValueError("prompt too long (fake)") if refused(p) else None
+    )
+    records = answer(engine, requests)
+
+    assert [r["id"] for r in records] == ["r0", "long", "r1"]
+    assert [records[0]["answer"], records[2]["answer"]] == ["r0:1.00s", "r1:1.10s"]
+    record = records[1]
+    assert "error" not in record
+    assert record["answer"] == segment_answers(long, skip=1)
+    assert [s.get("error", {}).get("type") for s in record["segments"]] == [
+        None,
+        "engine_rejected",
+        None,
+    ]
+    assert "prompt too long (fake)" in record["segments"][1]["error"]["message"]
+    assert record["warnings"] == [
+        f"request long {segment_name(long, 1)}: the engine refused it (prompt too long (fake))"
+    ]
+
+
+def test_a_request_whose_every_segment_is_refused_is_an_error_record_and_the_next_goes_on(wavs):
+    requests = [prepare(wavs, "long"), prepare(wavs, "r1")]
+    refused = asks_about("long")
+    engine = FakeEngine(refuse=lambda p: ValueError("bad audio (fake)") if refused(p) else None)
+    records = answer(engine, requests)
+    assert [r["id"] for r in records] == ["long", "r1"]
+    assert records[0]["error"]["type"] == "engine_rejected"
+    assert "the engine refused it (bad audio (fake))" in records[0]["error"]["message"]
+    assert records[1]["answer"] == "r1:1.10s"
+
+
+def test_an_unexpected_exception_from_add_request_is_that_requests_internal_error(wavs):
+    requests = [prepare(wavs, name) for name in SHORT[:3]]
+    broken = asks_about("r1")
+    engine = FakeEngine(refuse=lambda p: RuntimeError("kaputt") if broken(p) else None)
+    records = answer(engine, requests)
+    assert [r["id"] for r in records] == ["r0", "r1", "r2"]
+    assert records[1]["error"]["type"] == "internal_error"
+    assert "RuntimeError: kaputt" in records[1]["error"]["message"]
+    assert [records[0]["answer"], records[2]["answer"]] == ["r0:1.00s", "r2:1.20s"]
+
+
+def test_a_dead_engine_ends_the_run_instead_of_failing_one_request(wavs):
+    """EngineDeadError is not one request's problem: it propagates (exit 70)."""
+    engine = FakeEngine(refuse=lambda p: EngineDeadError())
+    with pytest.raises(EngineDeadError):
+        answer(engine, [prepare(wavs, "r0")])
+
+
+def test_a_consumer_that_stops_early_leaves_nothing_running(wavs):
+    engine = FakeEngine(order="fifo", hold_until=4)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    requests = [prepare(wavs, name) for name in SHORT[:4]]
+    records = tool.answer_requests(FakeLLM(engine), requests, params, OPTIONS)
+    assert next(records)["answer"] == "r0:1.00s"
+    still_running = set(engine.running)
+    assert len(still_running) == 3  # r1, r2, r3
+    records.close()
+    assert sorted(engine.aborted) == sorted(still_running)
+    assert engine.running == {}
+
+
+def test_two_consumers_on_one_engine_get_every_record_with_their_own_answers(wavs):
+    """Two answer_requests generators on one engine, read alternately: one's
+    step() also collects the other's finished outputs, which must reach
+    their owner; engine request ids never collide."""
+    # Holding until A's 3 requests are in makes B's first step finish A's r1.
+    engine = FakeEngine(order="fifo", hold_until=3)
+    llm = FakeLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    consumers = {
+        "a": tool.answer_requests(llm, [prepare(wavs, n) for n in SHORT[:3]], params, OPTIONS),
+        "b": tool.answer_requests(llm, [prepare(wavs, n) for n in SHORT[3:]], params, OPTIONS),
+    }
+    got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    for _ in range(3):
+        for name, records in consumers.items():
+            engine.stepper = name
+            got[name].append(next(records))
+    for name, records in consumers.items():
+        engine.stepper = name
+        assert next(records, None) is None
+    assert ("b", "r1:1.10s") in engine.finished  # an output taken by the other feeder
+    assert len(engine.ids) == len(set(engine.ids)) == 6
+    assert [(r["id"], r["answer"]) for r in got["a"]] == [
+        ("r0", "r0:1.00s"),
+        ("r1", "r1:1.10s"),
+        ("r2", "r2:1.20s"),
+    ]
+    assert [(r["id"], r["answer"]) for r in got["b"]] == [
+        ("r3", "r3:1.30s"),
+        ("r4", "r4:1.40s"),
+        ("r5", "r5:1.50s"),
+    ]
+
+
+def test_a_request_the_engine_no_longer_has_is_an_error_not_a_wait_for_ever(wavs):
+    """The engine accepts r1 and then loses it (aborted by someone else): r1
+    never finishes and the engine has nothing left; the feeder must not step
+    for ever (the fake engine raises after 1000 steps)."""
+    engine = FakeEngine(forget=asks_about("r1"))
+    records = answer(engine, [prepare(wavs, name) for name in SHORT[:3]])
+    assert [r["id"] for r in records] == ["r0", "r1", "r2"]
+    assert records[1]["error"]["type"] == "internal_error"
+    assert "the engine no longer has it" in records[1]["error"]["message"]
+    assert [records[0]["answer"], records[2]["answer"]] == ["r0:1.00s", "r2:1.20s"]
+
+
+def test_an_answer_cut_off_at_max_tokens_is_flagged_and_counted(wavs):
+    requests = [prepare(wavs, "r0"), prepare(wavs, "long"), prepare(wavs, "r1")]
+    long = requests[1]
+    short_cut, long_cut = asks_about("r0"), has_audio(long.segments[1].clips[0])
+    engine = FakeEngine(cut_off=lambda p: short_cut(p) or long_cut(p))
+    records = answer(engine, requests)
+
+    assert records[0]["truncated"] is True and records[0]["finish_reason"] == "length"
+    assert records[0]["warnings"] == [
+        "request r0: answer cut off at max_tokens (8 tokens); raise --max-tokens for the "
+        "whole answer"
+    ]
+    s = long.segments[1]
+    assert records[1]["truncated"] is True
+    assert records[1]["warnings"] == [
+        "request long: answer cut off at max_tokens (8 tokens) in segment 2 "
+        f"[{s.start_seconds:.2f}-{s.end_seconds:.2f} s]; raise --max-tokens for the whole answer"
+    ]
+    assert records[1]["answer"] == segment_answers(long)  # all of it, cut-off part included
+    assert "truncated" not in records[2] and "warnings" not in records[2]
+
+    report = tool.RunReport(requests=3)
+    for record in records:
+        report.add(record)
+    assert (report.ok, report.truncated) == (3, 2)
+    assert (
+        "warning: 2 answer(s) cut off at --max-tokens (see their warnings); raise "
+        "--max-tokens for whole answers"
+    ) in report.lines()
+
+
+def test_a_split_clip_left_with_one_segment_keeps_that_segments_times(tmp_path):
+    # 27 s of silence, then 5 s of speech: the cut falls in the middle of the
+    # silence inside the 25-30 s search window, at 26 s; 0-26 s is dropped.
+    samples = np.concatenate([np.zeros(27 * RATE, np.float32), speech_like(5, [])])
+    soundfile.write(tmp_path / "late.wav", samples, RATE)
+    request = tool.AudioRequest("late", [str(tmp_path / "late.wav")], "Which clip is late?")
+    prepared = tool.prepare_request(request, tool.Options(prompt_format="chat"), None)
+    assert [(s.start_seconds, s.end_seconds) for s in prepared.segments] == [(26.0, 32.0)]
+    [record] = answer(FakeEngine(), [prepared])
+    assert record["answer"] == "late:6.00s"
+    assert tool.cues(record) == [(26.0, 32.0, "late:6.00s")]
+
+
+# --------------------------------------------------------------------------
+# Long audio: where the cuts go
+# --------------------------------------------------------------------------
+
+
+def clip_samples(kind: str, seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    if kind == "speech-like":
+        starts = np.sort(rng.uniform(0, seconds, size=int(seconds / 4) + 1))
+        return speech_like(seconds, [(s, s + rng.uniform(0.1, 1.2)) for s in starts])
+    return {
+        "noise": lambda: rng.standard_normal(n),
+        "silence": lambda: np.zeros(n),
+        "bursts": lambda: (
+            np.repeat(rng.random(n // 800 + 1) > 0.5, 800)[:n] * rng.standard_normal(n)
+        ),
+    }[kind]().astype(np.float32)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(seconds=30.01, limit=30.0, kind="speech-like", seed=0)
+@example(seconds=2.01, limit=2.0, kind="silence", seed=0)
+@example(seconds=60.0, limit=30.0, kind="silence", seed=0)
+@given(
+    seconds=st.floats(tool.MIN_CLIP_SECONDS, 70.0),
+    limit=st.floats(2.0, 30.0),
+    kind=st.sampled_from(["noise", "silence", "bursts", "speech-like"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_covers_the_clip_with_segments_of_1_s_up_to_the_limit(seconds, limit, kind, seed):
+    samples = clip_samples(kind, seconds, seed)
+    ranges = tool.split_points(samples, limit)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(samples)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(end - start <= int(limit * RATE) for start, end in ranges)
+    if len(ranges) > 1:  # a clip that was cut: no sliver anywhere
+        assert all(end - start >= tool.MIN_SEGMENT_SECONDS * RATE for start, end in ranges)
+    assert all(tool.audio_token_count(end - start) >= 1 for start, end in ranges)
+
+
+def split(samples: np.ndarray, name: str) -> tuple[list[tuple[float, float]], list[str]]:
+    warnings: list[str] = []
+    clip = tool.Clip(name, samples, RATE, 1)
+    segments = tool.apply_long_audio_policy([clip], tool.Options(long_audio="split"), warnings)
+    return [(s.start_seconds, s.end_seconds) for s in segments], warnings
+
+
+def test_a_30_01_s_clip_ending_in_silence_drops_its_silent_tail_with_a_warning():
+    # Speech to 28 s, silence to 30.01 s. The cut may go no later than 29.01 s
+    # (1 s before the end), so the 25-29.01 s window holds 28-29.01 s of the
+    # pause, 50 whole 20 ms frames: its middle is 28.5 s. 28.5-30.01 s is
+    # pure silence: dropped, and named.
+    segments, warnings = split(speech_like(30.01, [(28.0, 30.01)]), "end-silent.wav")
+    assert segments == [(0.0, 28.5)]
+    assert warnings == [
+        "audio end-silent.wav: 28.50-30.01 s is silent (under -60 dBFS): not sent to the model"
+    ]
+
+
+def test_a_30_3_s_clip_leaves_no_tail_under_1_s():
+    segments, warnings = split(speech_like(30.3, []), "talk.wav")
+    assert len(segments) == 2 and warnings == []
+    assert segments[0][0] == 0.0 and segments[-1][1] == pytest.approx(30.3)
+    assert all(1.0 <= end - start <= 30.0 for start, end in segments)
+
+
+def test_an_all_silent_long_clip_is_split_but_nothing_is_dropped():
+    # 40 s of silence: the whole 25-30 s window is one pause, cut at 27.5 s.
+    segments, warnings = split(np.zeros(40 * RATE, np.float32), "silence.wav")
+    assert segments == [(0.0, 27.5), (27.5, 40.0)]
+    assert warnings == []
+
+
+def word_gaps(start: float, end: float) -> list[tuple[float, float]]:
+    """0.15 s gaps between "words" of 0.3-0.5 s from start until end."""
+    gaps, t = [], start
+    for i in range(1000):
+        t += (0.3, 0.42, 0.5, 0.36)[i % 4]
+        if t + 0.15 > end - 0.2:
+            return gaps
+        gaps.append((t, t + 0.15))
+        t += 0.15
+    raise AssertionError("unreachable")
+
+
+def test_the_cut_goes_in_the_pause_between_sentences_not_the_latest_word_gap():
+    # Sentences of words with 0.15 s gaps; a 0.8 s pause between sentences at
+    # 26.0-26.8 s, inside the 25-30 s search window of a 30 s limit, and word
+    # gaps after it up to the limit. The cut belongs in the sentence pause,
+    # near its middle (26.4 s), though later word gaps are just as silent.
+    sentence_gap = (26.0, 26.8)
+    pauses = [*word_gaps(0.0, 26.0), sentence_gap, *word_gaps(26.8, 40.0)]
+    later = [gap for gap in pauses if sentence_gap[1] < gap[0] and gap[1] < 30.0]
+    assert len(later) >= 4  # the test's own premise: quiet word gaps after the long pause
+    cut = tool.split_points(speech_like(40, pauses), 30.0)[0][1] / RATE
+    assert sentence_gap[0] < cut < sentence_gap[1]
+    assert cut == pytest.approx(26.4, abs=0.05)
+
+
+@pytest.mark.parametrize("seconds", [1.5, 30.5])
+def test_segment_seconds_outside_2_to_30_is_refused(seconds):
+    with pytest.raises(tool.InputError, match=rf"^--segment-seconds {seconds}: must be between 2"):
+        tool.Options(segment_seconds=seconds)
+
+
+# --------------------------------------------------------------------------
+# Sources: local paths, URLs, manifests
+# --------------------------------------------------------------------------
+
+
+def one_line_message(exc: BaseException) -> str:
+    """The rule of every error: one line, control characters shown escaped."""
+    message = str(exc)
+    assert message.isprintable(), message
+    return message
+
+
+@pytest.mark.parametrize("name", ["take:2.wav", "2026-11-30T10:00.wav", "C:x.wav", "http:h.wav"])
+def test_a_colon_in_a_file_name_is_a_local_path(tmp_path, name):
+    assert tool.resolve_source(name, tmp_path, "W") == str(tmp_path / name)
+
+
+def test_home_of_an_unknown_user_is_an_input_error_naming_it():
+    with pytest.raises(tool.InputError) as caught:
+        tool.resolve_source("~nosuchuser12345/a.wav", BASE, "manifest line 3 (id a)")
+    message = one_line_message(caught.value)
+    assert message.startswith("manifest line 3 (id a): audio '~nosuchuser12345/a.wav': ")
+    assert "~nosuchuser12345 is not a user here" in message
+
+
+def test_a_bracket_after_a_double_slash_is_a_path_or_an_input_error():
+    """A source "//[x" has no scheme (urlsplit would call "[x" a broken IPv6
+    host): a local path, or refused as input, never another exception."""
+    try:
+        source = tool.resolve_source("//[x", BASE, "W")
+    except tool.InputError as exc:
+        one_line_message(exc)
+    else:
+        assert source == "//[x"  # absolute, so not joined to the manifest's folder
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[x",
+        "http://host:99999/a.wav",
+        "http://host:abc/a.wav",
+        "http://host/a b.wav",
+        "http:///a.wav",
+        "HTTPS://host:-1/a.wav",
+        "http://host/a\x00.wav",
+    ],
+)
+def test_a_url_http_client_would_refuse_is_refused_up_front(url):
+    with pytest.raises(tool.InputError) as caught:
+        tool.resolve_source(url, BASE, "W")
+    assert "not a valid URL" in one_line_message(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "scheme"),
+    [("s3://b/a.wav", "s3"), ("file:///etc/x.wav", "file"), ("FTP://h/a", "ftp")],
+)
+def test_other_schemes_are_refused_by_name(source, scheme):
+    with pytest.raises(tool.InputError, match=rf"scheme {scheme}:// is not supported"):
+        tool.resolve_source(source, BASE, "W")
+
+
+@pytest.mark.parametrize("source", ["~foo\nbar/a.wav", "~\x00/a.wav", "~\ud800/a.wav"])
+def test_home_of_an_odd_user_name_is_a_one_line_input_error(source):
+    with pytest.raises(tool.InputError) as caught:
+        tool.resolve_source(source, BASE, "W")
+    one_line_message(caught.value)
+
+
+def test_a_url_whose_host_urlsplit_rejects_is_a_one_line_error():
+    with pytest.raises(tool.InputError) as caught:
+        tool.resolve_source("http://a\u2028\uff0f/x.wav", BASE, "W")
+    assert "not a valid URL" in one_line_message(caught.value)
+
+
+ODD_TEXT = st.text(
+    st.sampled_from(list(" %:~[]#?@\\\n\t\r\x00\x0b\x85\u2028\ufeffé日\ud800")) | st.characters(),
+    max_size=12,
+)
+HOSTS = st.sampled_from(
+    ["host", "127.0.0.1", "[::1]", "[x", "x]", "", "h st", "ü.example", "u:p@h", "%68", "h:", "@"]
+) | st.text(max_size=8)
+PORTS = (
+    st.sampled_from(["", ":", ":80", ":0", ":65535", ":65536", ":abc", ": 80", ":٣"])
+    | st.integers(-5, 200_000).map(lambda n: f":{n}")
+    | st.text(max_size=4).map(lambda t: f":{t}")
+)
+SCHEMES = st.sampled_from(["http", "https", "HTTP", "Https", "file", "s3", "ftp", "c", "C", ""])
+urls = st.builds(
+    lambda scheme, sep, host, port, path: f"{scheme}{sep}{host}{port}/{path}",
+    SCHEMES,
+    st.sampled_from(["://", "://", ":/", ":", "//"]),
+    HOSTS,
+    PORTS,
+    ODD_TEXT,
+)
+home_paths = st.sampled_from(["~", "~/", "~/a.wav", "~root/a.wav", "~nosuchuser12345/a.wav"]) | (
+    st.builds(lambda user, path: f"~{user}/{path}", st.text(max_size=8), ODD_TEXT)
+)
+local_paths = st.builds(
+    lambda prefix, rest: prefix + rest,
+    st.sampled_from(["", "/", "./", "../", "C:", "c:\\", "take:", "2026-11-30T10:00", "//[x"]),
+    ODD_TEXT,
+).filter(lambda path: path and not path.startswith("~"))
+sources = st.one_of(urls, urls, home_paths, local_paths)  # URLs twice as often
+request_ids = st.sampled_from(["a", "b", " c ", "0"]) | st.text(min_size=1, max_size=8)
+
+
+def manifest_line(request_id: str, audio: str | list[str]) -> str:
+    return json.dumps({"id": request_id, "audio": audio})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(request_id="a", audio="http://[x")
+@example(request_id="a", audio=["take:2.wav", "http://host:abc/a.wav"])
+@example(request_id="a", audio="~nosuchuser12345/a.wav")
+@given(request_id=request_ids, audio=sources | st.lists(sources, min_size=1, max_size=3))
+def test_any_source_in_a_manifest_line_is_a_request_or_its_one_line_input_error(request_id, audio):
+    line = manifest_line(request_id, audio)
+    try:
+        request = tool.parse_manifest_line(line, 7, BASE)
+    except tool.InputError as exc:  # only a line without a usable id may raise
+        assert not request_id.strip()
+        assert one_line_message(exc).startswith("manifest line 7: ")
+        return
+    assert request_id.strip() and request.id == tool.printable(request_id)
+    if request.error is not None:
+        assert request.error.kind == "input_error"  # the user's input, never our defect
+        message = one_line_message(request.error)
+        assert message.startswith(f"manifest line 7 (id {tool.one_line(request.id)}): ")
+        return
+    for source in request.audio:  # an http(s) URL or an absolute local path
+        assert tool.is_url(source) or Path(source).is_absolute(), source
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(st.builds(manifest_line, request_ids, sources), max_size=8),
+    deep_at=st.integers(0, 8),
+)
+def test_a_manifest_with_odd_sources_and_a_deeply_nested_line_is_one_request_per_line(
+    tmp_path_factory, lines, deep_at
+):
+    lines.insert(min(deep_at, len(lines)), "[" * 100_000)
+    path = tmp_path_factory.mktemp("m") / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    requests = tool.read_manifest(path)
+    assert len(requests) == len(lines)
+    assert len({r.id for r in requests}) == len(requests)
+    deep = [r for r in requests if r.id == f"jobs.jsonl:{min(deep_at, len(lines) - 1) + 1}"]
+    assert len(deep) == 1 and deep[0].error is not None
+    one_line_message(deep[0].error)
+
+
+def test_a_bad_lines_fallback_id_never_collides_with_a_real_id(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(manifest_line("jobs.jsonl:2", "a.wav") + "\n{not json\n")
+    requests = tool.read_manifest(path)
+    assert len(requests) == 2
+    assert len({r.id for r in requests}) == 2
+
+
+# --------------------------------------------------------------------------
+# Downloads a server cuts short or trickles
+# --------------------------------------------------------------------------
+
+WAV = io.BytesIO()
+soundfile.write(WAV, tone(1, RATE), RATE, format="WAV")
+WAV = WAV.getvalue()
+TRICKLE_BYTES = 1000  # one byte per 0.1 s: 100 s for the whole body
+
+
+class Misbehaving(http.server.BaseHTTPRequestHandler):
+    trickle = {"sent": 0, "finished": False}  # what /trickle.wav's handler got out
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/wav")
+        if self.path == "/short.wav":  # promises the whole clip, sends 1000 bytes, hangs up
+            self.send_header("Content-Length", str(len(WAV)))
+            self.end_headers()
+            self.wfile.write(WAV[:1000])
+            self.close_connection = True
+            return
+        self.send_header("Content-Length", str(TRICKLE_BYTES))
+        self.end_headers()
+        try:
+            for byte in WAV[:TRICKLE_BYTES]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                self.trickle["sent"] += 1
+                time.sleep(0.1)
+        except OSError:  # the client gave up, as it should
+            return
+        self.trickle["finished"] = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_body_shorter_than_its_content_length_is_a_failed_download(server):
+    """The connection closes after 1000 of the promised bytes: a clip cut
+    short must not pass for the whole clip."""
+    with pytest.raises(tool.InputError) as caught:
+        tool.fetch_url(f"{server}/short.wav", timeout=5.0, max_bytes=2**20)
+    message = one_line_message(caught.value)
+    assert message.startswith(f"audio {server}/short.wav: download failed (")
+    assert f"{len(WAV) - 1000} more expected" in message
+
+
+def test_a_trickling_download_stops_at_the_url_timeout(server):
+    """Each byte comes in well under the socket timeout, so only the overall
+    deadline can stop it; the server had not finished when it did."""
+    with pytest.raises(tool.InputError) as caught:
+        tool.fetch_url(f"{server}/trickle.wav", timeout=1.0, max_bytes=2**20)
+    assert not Misbehaving.trickle["finished"]
+    assert Misbehaving.trickle["sent"] < TRICKLE_BYTES
+    assert str(caught.value) == (
+        f"audio {server}/trickle.wav: download failed (no complete answer within --url-timeout 1 s)"
+    )
+
+
+# --------------------------------------------------------------------------
+# Scoring scripts with combining marks
+# --------------------------------------------------------------------------
+
+
+def test_hindi_words_keep_their_vowel_signs_and_viramas():
+    # "नमस्ते दुनिया।" is 2 words (the danda । is punctuation); vowel signs and
+    # the virama inside them are part of the words, not word breaks.
+    reference = "नमस्ते दुनिया।"
+    same = tool.score_answer("नमस्ते दुनिया", reference, "hi")
+    assert (same["metric"], same["edits"], same["reference_units"]) == ("wer", 0, 2)
+    half = tool.score_answer("नमस्ते", reference, "hi")
+    assert (half["deletions"], half["edits"], half["reference_units"]) == (1, 1, 2)
+    assert half["edits"] / half["reference_units"] == 0.5
+
+
+def test_thai_characters_count_vowel_and_tone_marks():
+    # สวัสดีครับ, code point by code point: ส ว ั ส ด ี ค ร ั บ = 10 (the vowel
+    # signs ั and ี are characters of their own). สวัสดีคับ lacks the ร: one deletion.
+    score = tool.score_answer("สวัสดีคับ", "สวัสดีครับ", "th")
+    assert score["metric"] == "cer"
+    assert (score["edits"], score["deletions"], score["reference_units"]) == (1, 1, 10)
+
+
+# --------------------------------------------------------------------------
+# Output on a full disk
+# --------------------------------------------------------------------------
+
+# stdout and stderr share one file (`>> job.log 2>&1`, a Slurm --output):
+# the tool opens stdout, logs a line, then a result does not fit.
+CHILD = """
+import os, sys
+import run_qwen2_audio as tool
+out = tool.OutputFile(None)
+print("note: a log line on stderr", file=sys.stderr, flush=True)
+try:
+    out.write("x" * 200_000 + "\\n")
+except tool.OutputError as exc:
+    try:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except OSError:
+        pass  # the disk is full for stderr too
+    os._exit(3)
+os._exit(0)
+"""
+
+
+def test_a_failed_write_to_stdout_never_cuts_the_shared_log(tiny_filesystem):
+    log = tiny_filesystem / "job.log"
+    header = "slurm: job 42 started\n"
+    log.write_text(header)
+    (tiny_filesystem / "filler").write_bytes(b"\0" * (48 * 1024))
+    with log.open("ab") as shared:
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD],
+            stdout=shared,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            timeout=120,
+        )
+    content = log.read_text()
+    assert child.returncode == 3, content[-2000:]  # the write failed: OutputError
+    before = header + "note: a log line on stderr\n"
+    assert content.startswith(before)  # the earlier lines are whole
+    assert content[len(before) :].startswith("x")  # and what stdout got is left as it is
+
+
+def test_a_failed_write_to_a_results_file_is_cut_back_to_the_last_whole_record(tiny_filesystem):
+    path = tiny_filesystem / "results.jsonl"
+    out = tool.OutputFile(path)
+    first = json.dumps({"id": "a", "answer": "kept"}) + "\n"
+    out.write(first)
+    with pytest.raises(tool.OutputError):
+        out.write(json.dumps({"id": "b", "answer": "y" * 200_000}) + "\n")
+    out.close(complete=False)
+    assert path.read_text() == first
