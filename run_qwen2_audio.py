@@ -105,7 +105,7 @@ def choose_model_hub(model: str, env: dict[str, str]) -> None:
     local checkpoint directory (a run from one must work either way).
     """
     installed = importlib.util.find_spec("modelscope") is not None
-    local = Path(model).expanduser().is_dir()
+    local = expand_path(model, "--model").is_dir()
     if "VLLM_USE_MODELSCOPE" not in env:
         env["VLLM_USE_MODELSCOPE"] = "True" if installed and not local else "False"
     elif uses_modelscope(env) and not installed:
@@ -216,24 +216,29 @@ class Interrupted(BaseException):
 class StopSignals:
     """SIGINT/SIGTERM stop the run by raising Interrupted, except while a
     record is being written (the record is finished first, so a stop never
-    leaves a torn line) and after every result is written: then vLLM is
-    shutting down, and a signal must not turn a finished run into a
-    traceback from inside its shutdown; it is only noted (pending)."""
+    leaves a torn line) and once the run is finishing: after the last result
+    is written, or while a stopped or crashed run shuts vLLM down. Then a
+    signal must not turn into a traceback from inside vLLM's shutdown: it is
+    only noted (pending), and a second one exits at once (a user insisting
+    on a shutdown that hangs)."""
 
     def __init__(self) -> None:
         self.deferring = False
-        self.finished = False
+        self.finishing = False
         self.pending: str | None = None
 
     def install(self) -> None:
         # A fresh run: main() may be called again in one process.
-        self.deferring, self.finished, self.pending = False, False, None
+        self.deferring, self.finishing, self.pending = False, False, None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.deferring or self.finished:
+        if self.finishing and self.pending:
+            os.write(2, f"{name} again: exiting without waiting for vLLM's shutdown\n".encode())
+            os._exit(128 + signum)
+        if self.deferring or self.finishing:
             self.pending = name
             return
         raise Interrupted(name)
@@ -245,12 +250,12 @@ class StopSignals:
             yield
         finally:
             self.deferring = False
-        if self.pending and not self.finished:
+        if self.pending and not self.finishing:
             raise Interrupted(self.pending)
 
-    def all_results_written(self) -> None:
-        """From here on a signal cannot lose anything: note it, finish."""
-        self.finished = True
+    def finish(self) -> None:
+        """From here on nothing can be lost: a signal is noted, not raised."""
+        self.finishing = True
 
 
 STOP_SIGNALS = StopSignals()
@@ -321,7 +326,8 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     engine=False (vLLM cannot be imported): this tool's flags alone, for
     --help, with a note saying why the engine flags are missing."""
     if engine:
-        import_engine_module("vllm")
+        # arg_utils, not just vllm: it loads the platform (vllm-ascend's too).
+        import_engine_module("vllm.engine.arg_utils")
         parser = import_flexible_argument_parser()(
             description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
         )
@@ -642,14 +648,19 @@ def resolve_source(source: str, base_dir: Path, where: str) -> str:
             f"{where}: audio {source!r}: scheme {scheme.group(1).lower()}:// is not "
             "supported; use a local path or an http(s) URL"
         )
-    try:
-        path = Path(source).expanduser()
-    except (RuntimeError, ValueError):  # "~name/..." for a user this machine does not have
-        raise InputError(
-            f"{where}: audio {source!r}: {one_line(source.split('/')[0])} is not a user "
-            "here; write the path in full"
-        )
+    path = expand_path(source, f"{where}: audio {source!r}")
     return str(path if path.is_absolute() else base_dir / path)
+
+
+def expand_path(text: str, what: str) -> Path:
+    """Path(text) with "~" expanded; "~name/..." for a user this machine does
+    not have is an InputError naming it, not a RuntimeError."""
+    try:
+        return Path(text).expanduser()
+    except (RuntimeError, ValueError):
+        raise InputError(
+            f"{what}: {one_line(text.split('/')[0])} is not a user here; write the path in full"
+        )
 
 
 def check_url(url: str, where: str) -> None:
@@ -845,8 +856,8 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
                 if time.monotonic() > deadline:
                     raise TimeoutError
                 chunks.append(chunk)
-            if length and length.isdigit() and size < int(length):  # read1 does not raise
-                raise http.client.IncompleteRead(b"", int(length) - size)
+            if response.length:  # bytes promised but never sent (read1 does not raise)
+                raise http.client.IncompleteRead(b"", response.length)
             return b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise InputError(f"audio {url}: HTTP {exc.code} {exc.reason}; check the URL")
@@ -959,10 +970,12 @@ def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
                     samples = block.to_ndarray()  # (channels, frames), float32
                     if out is None:
                         channels = samples.shape[0]
-                        seconds = (
-                            float(stream.duration * stream.time_base) if stream.duration else 0
-                        )
+                        duration = stream.duration  # None for some raw streams
+                        seconds = float(duration * stream.time_base) if duration else 0.0
                         out = Mono16k(block.sample_rate, int(seconds * block.sample_rate))
+                    elif (block.sample_rate, samples.shape[0]) != (out.rate, channels):
+                        # soxr would go on at the first rate: wrong-speed audio.
+                        raise ValueError("the sample rate or channel count changes mid-stream")
                     out.add(samples.T)
             if out is None:
                 raise ValueError("no audio frames")
@@ -1370,7 +1383,7 @@ def locate_model(model: str) -> ModelSource:
     """The checkpoint of --model: a directory, or a hub id's copy in the
     local cache, or a hub that will serve it. Anything else is an InputError
     now, in a second, instead of a traceback after the engine's retries."""
-    path = Path(model).expanduser()
+    path = expand_path(model, "--model")
     looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
     if looks_like_path or path.exists():
         if not path.is_dir():
@@ -1706,6 +1719,16 @@ UNCLAIMED_OUTPUTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.Weak
 ENGINE_ID_PREFIX = "rqa-"
 
 
+def engine_refusals() -> tuple[type[BaseException], ...]:
+    """What vLLM raises when it refuses one prompt (too long, bad input):
+    ValueError on 0.23; 0.32's VLLMValidationError is a VLLMClientError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
 def engine_failures() -> tuple[type[BaseException], ...]:
     """vLLM's "the engine is gone" errors: they end the run (exit 70), they
     are not one request's problem."""
@@ -1816,7 +1839,12 @@ class EngineFeeder:
                     self.unclaimed[output.request_id] = output
         for engine_id in [i for i in self.running if i in self.unclaimed]:
             entry, segment = self.running.pop(engine_id)
-            entry.settle(segment, self.unclaimed.pop(engine_id))
+            output = self.unclaimed.pop(engine_id)
+            failure = engine_side_failure(output)
+            if failure is None:
+                entry.settle(segment, output)
+            else:
+                entry.settle(segment, error=segment_error(entry, segment, failure))
         if self.running and not self.engine.has_unfinished_requests():
             # Nothing left in the engine, yet these never finished: aborted
             # by someone else. Stepping on would wait forever.
@@ -1840,10 +1868,26 @@ class EngineFeeder:
             self.running.clear()
 
 
+class EngineSideError(Exception):
+    """The engine finished a request with an error instead of an answer."""
+
+
+def engine_side_failure(output: Any) -> EngineSideError | None:
+    """vLLM finishes a request that failed inside the engine (its audio
+    preprocessing, the scheduler) with finish_reason "error" (or "abort")
+    and no tokens, and 0.32 also sets output.error: a failure, not an
+    empty answer."""
+    reasons = [str(c.finish_reason) for c in output.outputs]
+    error = getattr(output, "error", None)
+    if error or any(r in ("error", "abort") for r in reasons):
+        return EngineSideError(f"finished with {error or ', '.join(reasons)}")
+    return None
+
+
 def segment_error(entry: InFlight, segment: int, exc: Exception) -> InputError:
-    """A segment's failure: refused by the engine (ValueError: too long, bad
-    audio for its processor) or something unexpected; named by its times
-    when the request has several segments."""
+    """A segment's failure: refused by the engine (too long, bad audio for
+    its processor), failed inside it, or something unexpected; named by its
+    times when the request has several segments."""
     name = f"request {one_line(entry.prepared.id)}"
     if len(entry.outputs) > 1:
         part = entry.prepared.segments[segment]
@@ -1851,10 +1895,12 @@ def segment_error(entry: InFlight, segment: int, exc: Exception) -> InputError:
             f" segment {segment + 1} of {len(entry.outputs)} "
             f"[{part.start_seconds:.2f}-{part.end_seconds:.2f} s]"
         )
-    if isinstance(exc, ValueError):
+    if isinstance(exc, engine_refusals()):
         return InputError(
             f"{name}: the engine refused it ({one_line(str(exc))})", kind="engine_rejected"
         )
+    if isinstance(exc, EngineSideError):
+        return InputError(f"{name}: the engine failed on it ({exc})", kind="engine_error")
     return internal_error(name, exc)
 
 
@@ -2083,8 +2129,11 @@ class OutputFile:
         self.fd = file_descriptor(self.stream)
         info = os.fstat(self.fd) if self.fd is not None and path is not None else None
         # Bytes of whole records in a results file we opened: a failed write is
-        # cut back to it. Never stdout: that file may be shared with stderr or
-        # other writers (`> log 2>&1`, a Slurm --output), whose lines a cut would tear.
+        # cut back to it. Never stdout or stderr (also as --output /dev/stdout):
+        # that file may be shared with other writers (`> log 2>&1`, a Slurm
+        # --output), whose lines a cut or an emptying would tear.
+        if info is not None and (info.st_dev, info.st_ino) in standard_streams():
+            info = None
         self.good_size = info.st_size if info and stat.S_ISREG(info.st_mode) else None
         self.must_empty = replace and self.good_size is not None
         self.records = 0
@@ -2349,6 +2398,16 @@ def make_writer(fmt: str, out: OutputFile, with_ids: bool) -> Writer:
     return TextWriter(out, with_ids)
 
 
+def standard_streams() -> set[tuple[int, int]]:
+    """(device, inode) of the files behind stdout and stderr."""
+    found = set()
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            found.add((info.st_dev, info.st_ino))
+    return found
+
+
 def file_descriptor(stream: TextIO) -> int | None:
     try:
         return stream.fileno()
@@ -2454,6 +2513,7 @@ class RunReport:
     failed: int = 0
     skipped: int = 0
     truncated: int = 0  # answered, but some answer stopped at max_tokens
+    partial: int = 0  # answered, but a segment of it failed (exit code 1)
     audio_seconds: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -2478,6 +2538,7 @@ class RunReport:
             return
         self.ok += 1
         self.truncated += bool(record.get("truncated"))
+        self.partial += any("error" in s for s in record.get("segments", []))
         timing = record.get("timing", {})
         self.decode_seconds += timing.get("decode_seconds", 0.0)
         self.wait_for_audio_seconds += timing.get("wait_for_audio_seconds", 0.0)
@@ -2518,6 +2579,14 @@ class RunReport:
                     "their warnings); raise --max-tokens for whole answers"
                 ]
                 if self.truncated
+                else []
+            ),
+            *(
+                [
+                    f"warning: {self.partial} request(s) answered in part: a segment "
+                    "failed (see their warnings and segments)"
+                ]
+                if self.partial
                 else []
             ),
         ]
@@ -2897,17 +2966,25 @@ def log_problems(record: dict[str, Any]) -> None:
 
 
 def build_sampling_params(args: argparse.Namespace) -> Any:
+    """vLLM's SamplingParams from the flags; values it refuses (--max-tokens
+    0, --temperature -1, --n 0 ...) are bad input, said before any loading."""
     from vllm import SamplingParams
 
-    return SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.sampling_seed,
-    )
+    try:
+        return SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.sampling_seed,
+        )
+    except Exception as exc:  # ValueError, or 0.32's VLLMValidationError
+        raise InputError(
+            f"sampling flags: {one_line(str(exc))}; fix --temperature, --top-p, --top-k, "
+            "--max-tokens, --repetition-penalty or --n"
+        )
 
 
 def run(args: argparse.Namespace, model: ModelSource) -> int:
@@ -2931,6 +3008,8 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
         return dry_run(requests, options, llm_kwargs, count_tokens, config, args.device_memory_gb)
     batch = bool(args.manifest or args.audio_dir)
     fmt = output_format(args, batch)
+    params = build_sampling_params(args)
+    check_report_path(args.report)
     todo: list[Any] = requests if batch else check_before_loading(requests, options, count_tokens)
     report = RunReport(requests=len(requests))
     ids = [r.id for r in todo]
@@ -2952,14 +3031,16 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
             where = args.output or args.output_dir
             log(f"nothing to do: all {len(requests)} request(s) are in {where}")
         else:
-            for record in answer_requests(start, todo, build_sampling_params(args), options):
+            for record in answer_requests(start, todo, params, options):
+                if progress.done + 1 == len(todo):
+                    # The last result: once it is written nothing can be lost,
+                    # and vLLM shuts down when the loop ends; a signal from
+                    # here on is only noted.
+                    STOP_SIGNALS.finish()
                 writer.write(record)
                 report.add(record)
                 progress.update(record)
                 log_problems(record)
-                if progress.done == len(todo):
-                    # vLLM shuts down when the loop ends: nothing is lost now.
-                    STOP_SIGNALS.all_results_written()
         complete = True
     finally:
         progress.close()
@@ -2971,8 +3052,24 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
             for line in report.lines():
                 log(line)
         if args.report:
-            args.report.write_text(json.dumps(report.summary(), indent=2) + "\n")
-    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+            write_report(args.report, report)
+    return EXIT_SOME_FAILED if report.failed or report.partial else EXIT_OK
+
+
+def check_report_path(path: Path | None) -> None:
+    """A --report that cannot be written fails now, not after the batch."""
+    if path is not None and not os.access(path.parent, os.W_OK):
+        raise InputError(
+            f"--report {path}: cannot write into {path.parent}; create it or choose another path"
+        )
+
+
+def write_report(path: Path, report: RunReport) -> None:
+    # A warning, never the run's exit code: the results are what matters.
+    try:
+        path.write_text(json.dumps(report.summary(), indent=2) + "\n")
+    except OSError as exc:
+        log(f"warning: --report {path}: cannot write it ({exc.strerror or exc})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3001,13 +3098,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except OutputError as exc:
+        STOP_SIGNALS.finish()
         silence_stdout()
         message, code = f"error: {exc}", EXIT_OUTPUT_FAILED
     except (KeyboardInterrupt, Interrupted) as exc:
+        STOP_SIGNALS.finish()
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
         message = f"interrupted by {name}: results written so far are kept{resume_hint(args)}"
         code = 128 + signal.Signals[name].value  # the shell's convention: 130, 143
     except Exception as exc:  # the engine died, or a defect of ours
+        STOP_SIGNALS.finish()
         message, code = crash_message(exc, args, early.debug), EXIT_CRASHED
     # Out of the except block the traceback no longer holds the engine: shut
     # it down now, so that vLLM's shutdown logs come before our last line.
@@ -3020,7 +3120,7 @@ def engine_importable() -> bool:
     """For --help: False (after printing this tool's own help and why the
     engine flags are missing) where vLLM cannot be imported."""
     try:
-        import_engine_module("vllm")
+        import_engine_module("vllm.engine.arg_utils")
     except InputError as problem:
         print_help_without_engine(problem)
         return False
@@ -3032,6 +3132,25 @@ def resume_hint(args: argparse.Namespace | None) -> str:
     return f"; rerun the same command with --resume to finish {output}" if output else ""
 
 
+def save_traceback(details: str, args: argparse.Namespace | None) -> str | None:
+    """The traceback beside the results (they outlive a container's or a
+    Slurm job's /tmp), else in the temporary directory; None if neither
+    can be written."""
+    places = []
+    if args is not None and args.output_dir:
+        places.append(args.output_dir / ".run_qwen2_audio-crash.txt")  # no id maps to it
+    elif args is not None and args.output:
+        places.append(args.output.with_name(args.output.name + ".crash.txt"))
+    places.append(Path(tempfile.gettempdir()) / f"run_qwen2_audio-crash-{os.getpid()}.txt")
+    for place in places:
+        try:
+            place.write_text(details)
+            return str(place)
+        except OSError:
+            continue
+    return None
+
+
 def crash_message(exc: Exception, args: argparse.Namespace | None, debug: bool) -> str:
     """One line for a run that did not finish: what failed, that the results
     so far are kept, how to resume, and where the traceback is (a user sees
@@ -3041,13 +3160,8 @@ def crash_message(exc: Exception, args: argparse.Namespace | None, debug: bool) 
         sys.stderr.write(details)
         where = "traceback above"
     else:
-        try:
-            fd, path = tempfile.mkstemp(prefix="run_qwen2_audio-crash-", suffix=".txt")
-            with os.fdopen(fd, "w") as file:
-                file.write(details)
-            where = f"traceback in {path}"
-        except OSError:
-            where = "rerun with --debug for the traceback"
+        path = save_traceback(details, args)
+        where = f"traceback in {path}" if path else "rerun with --debug for the traceback"
     return (
         f"error: the run crashed ({summary_of(exc)}): results written so far are "
         f"kept{resume_hint(args)}; {where}"

@@ -256,9 +256,13 @@ def test_without_vllm_help_lists_our_flags_and_says_why_the_engine_flags_are_mis
 def test_vllm_failing_on_a_native_library_is_one_line(tiny_model, tmp_path, home):
     """Inside the image without CANN's set_env.sh, `import vllm` fails on a
     shared library: the one line carries that library's name."""
+    # vLLM's package imports; loading its platform (vllm-ascend's, when
+    # EngineArgs is imported) fails, as it does where CANN is not set up.
     shadow = tmp_path / "shadow" / "vllm"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text(
+    (shadow / "engine").mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    (shadow / "engine" / "__init__.py").write_text("")
+    (shadow / "engine" / "arg_utils.py").write_text(
         'raise OSError("libascendcl.so: cannot open shared object file: No such file")\n'
     )
     result = run_cli(
@@ -266,5 +270,28 @@ def test_vllm_failing_on_a_native_library_is_one_line(tiny_model, tmp_path, home
         home=home, env={"PYTHONPATH": str(shadow.parent)}, cwd=ROOT,
     )  # fmt: skip
     line = one_error_line(result)
-    assert "cannot import vllm (OSError: libascendcl.so: cannot open shared object" in line
+    assert "cannot import vllm.engine.arg_utils (OSError: libascendcl.so: cannot open" in line
     assert "set_env.sh" in line
+    help_text = run_cli("--help", home=home, env={"PYTHONPATH": str(shadow.parent)})
+    assert help_text.returncode == 0 and "libascendcl.so" in help_text.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--max-tokens", "0"], "sampling flags: "),
+        (["--temperature", "-1"], "sampling flags: "),
+        (["--n", "0"], "sampling flags: "),
+        (["--report", "no-such-dir/report.json"], "--report no-such-dir/report.json: cannot"),
+        (["--model", "~no-such-user-rqa/ckpt"], "~no-such-user-rqa is not a user here"),
+    ],
+)
+def test_bad_flags_are_bad_input_not_a_crash(tiny_model, tmp_path, home, flags, says):
+    """Exit 2 and one line before anything loads, never 70 ("crashed,
+    resume") for a value that no resume can fix."""
+    soundfile.write(tmp_path / "a.wav", tone(1, 16000), 16000)
+    model = [] if "--model" in flags else ["--model", tiny_model]
+    result = run_cli(*model, "--audio", "a.wav", "--output", "a.json", *flags,
+                     home=home, cwd=tmp_path)  # fmt: skip
+    assert says in one_error_line(result)
+    assert not (tmp_path / "a.json").exists()

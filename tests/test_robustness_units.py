@@ -80,7 +80,9 @@ class FakeEngine:
     in before the first one finishes, whatever the decode threads' timing).
     refuse(prompt) gives the exception add_request raises; forget(prompt)
     makes it accept a request and silently lose it; cut_off(prompt) finishes
-    it at max_tokens (finish_reason "length")."""
+    it at max_tokens (finish_reason "length"); fail(prompt) finishes it
+    with finish_reason "error" and no tokens, as vLLM does for a request
+    that failed inside the engine."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class FakeEngine:
         refuse=None,
         forget=None,
         cut_off=None,
+        fail=None,
         max_steps: int = 1000,
     ) -> None:
         self.model_config = SimpleNamespace(model="/no/such/checkpoint")
@@ -96,6 +99,7 @@ class FakeEngine:
         self.refuse = refuse or (lambda prompt: None)
         self.forget = forget or (lambda prompt: False)
         self.cut_off = cut_off or (lambda prompt: False)
+        self.fail = fail or (lambda prompt: False)
         self.running: dict[str, tuple[dict[str, Any], Any]] = {}
         self.ids: list[str] = []  # every id add_request was given
         self.params: list[Any] = []
@@ -141,6 +145,8 @@ class FakeEngine:
         completion = FakeCompletion(
             text, list(range(params.max_tokens if cut else 3)), "length" if cut else "stop"
         )
+        if self.fail(prompt):
+            completion = FakeCompletion("", [], "error")
         done = FakeOutput(request_id, True, list(range(10)), [completion])
         return [*(FakeOutput(i, False, [], []) for i in self.running), done]
 
@@ -284,6 +290,29 @@ def test_an_unexpected_exception_from_add_request_is_that_requests_internal_erro
     assert records[1]["error"]["type"] == "internal_error"
     assert "RuntimeError: kaputt" in records[1]["error"]["message"]
     assert [records[0]["answer"], records[2]["answer"]] == ["r0:1.00s", "r2:1.20s"]
+
+
+def test_a_request_that_failed_inside_the_engine_is_an_error_not_an_empty_answer(wavs):
+    """vLLM finishes a request whose preprocessing failed in the engine core
+    with finish_reason "error" and no tokens: that is no answer."""
+    requests = [prepare(wavs, name) for name in SHORT[:3]]
+    engine = FakeEngine(fail=asks_about("r1"))
+    records = answer(engine, requests)
+    assert records[1]["error"]["type"] == "engine_error"
+    assert "the engine failed on it (finished with error)" in records[1]["error"]["message"]
+    assert [records[0]["answer"], records[2]["answer"]] == ["r0:1.00s", "r2:1.20s"]
+
+
+def test_vllms_validation_error_is_a_refusal_on_every_version(wavs):
+    """vLLM 0.23's VLLMValidationError is a ValueError, 0.32's is not (a
+    VLLMClientError): both are the engine refusing the prompt."""
+    from vllm.exceptions import VLLMValidationError
+
+    broken = asks_about("r1")
+    engine = FakeEngine(refuse=lambda p: VLLMValidationError("too long") if broken(p) else None)
+    records = answer(engine, [prepare(wavs, name) for name in SHORT[:3]])
+    assert records[1]["error"]["type"] == "engine_rejected"
+    assert "the engine refused it (too long" in records[1]["error"]["message"]
 
 
 def test_a_dead_engine_ends_the_run_instead_of_failing_one_request(wavs):
@@ -766,8 +795,9 @@ def test_thai_characters_count_vowel_and_tone_marks():
 # the tool opens stdout, logs a line, then a result does not fit.
 CHILD = """
 import os, sys
+from pathlib import Path
 import run_qwen2_audio as tool
-out = tool.OutputFile(None)
+out = tool.OutputFile(None if sys.argv[1] == "-" else Path(sys.argv[1]))
 print("note: a log line on stderr", file=sys.stderr, flush=True)
 try:
     out.write("x" * 200_000 + "\\n")
@@ -781,14 +811,16 @@ os._exit(0)
 """
 
 
-def test_a_failed_write_to_stdout_never_cuts_the_shared_log(tiny_filesystem):
+@pytest.mark.parametrize("output", ["-", "/dev/stdout"])
+def test_a_failed_write_to_stdout_never_cuts_the_shared_log(tiny_filesystem, output):
+    """stdout itself, or --output /dev/stdout: the same shared log file."""
     log = tiny_filesystem / "job.log"
     header = "slurm: job 42 started\n"
     log.write_text(header)
     (tiny_filesystem / "filler").write_bytes(b"\0" * (48 * 1024))
     with log.open("ab") as shared:
         child = subprocess.run(
-            [sys.executable, "-c", CHILD],
+            [sys.executable, "-c", CHILD, output],
             stdout=shared,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
