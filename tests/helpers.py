@@ -95,6 +95,14 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return ours[0]
 
 
+def tracebacks_of_ours(stderr: str) -> list[str]:
+    """Traceback lines of the script's own process. vLLM's engine processes
+    prefix their lines ("(Worker pid=44) ..."): vLLM 0.23's CPU workers print
+    a harmless AttributeError from a __del__ at shutdown (see
+    ENGINE-ON-CPU.md), which is not the script's doing."""
+    return [line for line in stderr.splitlines() if line.startswith("Traceback")]
+
+
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     wave = 0.5 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
