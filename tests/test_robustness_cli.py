@@ -17,7 +17,6 @@ import http.server
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from helpers import (
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     ROOT,
+    local_http_server,
     one_error_line,
     run_cli,
     speech_like,
@@ -57,11 +57,8 @@ class CutShortHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def cut_short_url():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShortHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/cut.wav"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_http_server(CutShortHandler) as url:
+        yield f"{url}/cut.wav"
 
 
 def speech_then_silence(

@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import ROOT, speech_like, tone
+from helpers import ROOT, local_http_server, speech_like, tone
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from vllm import SamplingParams
@@ -734,11 +733,8 @@ class Misbehaving(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_http_server(Misbehaving) as url:
+        yield url
 
 
 def test_a_body_shorter_than_its_content_length_is_a_failed_download(server):

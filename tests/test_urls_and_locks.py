@@ -6,12 +6,11 @@ from __future__ import annotations
 import fcntl
 import http.server
 import io
-import threading
 import time
 
 import pytest
 import soundfile
-from helpers import tone
+from helpers import local_http_server, tone
 
 import run_qwen2_audio as tool
 
@@ -52,10 +51,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with local_http_server(Handler) as url:
+        yield url
 
 
 OPTIONS = tool.Options(system_prompt="", url_timeout=1.0, max_audio_bytes=len(WAV) * 4)
