@@ -1640,8 +1640,7 @@ class DecodePool:
     decode; nothing they do is left half-written when the process ends."""
 
     def __init__(self, workers: int) -> None:
-        self.tasks: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], Any]] | None]
-        self.tasks = queue.SimpleQueue()
+        self.tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (future, task) or None
         self.futures: list[concurrent.futures.Future] = []
         self.workers = workers
         for _ in range(workers):
@@ -1959,10 +1958,11 @@ def result_record(
         "clip_seconds": [round(s, 3) for s in prepared.clip_seconds],
         "timing": timing,
     }
+    heard = None if prepared.split else heard_seconds(prepared)
     if prepared.split:
         record["segments"] = parts
-    elif heard_seconds(prepared) != prepared.clip_seconds:  # truncated
-        record["heard_seconds"] = [round(s, 3) for s in heard_seconds(prepared)]
+    elif heard != prepared.clip_seconds:  # truncated
+        record["heard_seconds"] = [round(s, 3) for s in heard]
     warnings = list(prepared.warnings)
     warnings += [str(segment_errors[i]) for i in sorted(segment_errors)]
     cut_off = truncation_warnings(request.id, parts, prepared.split)

@@ -411,6 +411,18 @@ def test_an_answer_cut_off_at_max_tokens_is_flagged_and_counted(wavs):
     ) in report.lines()
 
 
+def test_a_truncated_clips_cue_ends_where_the_model_stopped_hearing(tmp_path):
+    """--long-audio truncate sends the first 10 s of a 12 s clip: the record
+    says so (heard_seconds) and its subtitle cue ends at 10 s, not 12 s."""
+    soundfile.write(tmp_path / "cut.wav", speech_like(12, []), RATE)
+    request = tool.AudioRequest("cut", [str(tmp_path / "cut.wav")], "Which clip is cut?")
+    options = dataclasses.replace(OPTIONS, long_audio="truncate")
+    prepared = tool.prepare_request(request, options, None)
+    [record] = answer(FakeEngine(), [prepared])
+    assert (record["clip_seconds"], record["heard_seconds"]) == ([12.0], [10.0])
+    assert tool.cues(record) == [(0.0, 10.0, "cut:10.00s")]
+
+
 def test_a_split_clip_left_with_one_segment_keeps_that_segments_times(tmp_path):
     # 27 s of silence, then 5 s of speech: the cut falls in the middle of the
     # silence inside the 25-30 s search window, at 26 s; 0-26 s is dropped.
