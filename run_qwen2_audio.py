@@ -3010,6 +3010,7 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     fmt = output_format(args, batch)
     params = build_sampling_params(args)
     check_report_path(args.report)
+    check_not_the_manifest(args)
     todo: list[Any] = requests if batch else check_before_loading(requests, options, count_tokens)
     report = RunReport(requests=len(requests))
     ids = [r.id for r in todo]
@@ -3062,6 +3063,19 @@ def check_report_path(path: Path | None) -> None:
         raise InputError(
             f"--report {path}: cannot write into {path.parent}; create it or choose another path"
         )
+
+
+def check_not_the_manifest(args: argparse.Namespace) -> None:
+    """Results written over the manifest would destroy it (and with --resume
+    its lines, each with an "id", would read as finished requests)."""
+    if args.manifest is None or not args.manifest.exists():
+        return
+    for flag, path in (("--output", args.output), ("--report", args.report)):
+        if path is not None and path.exists() and os.path.samefile(path, args.manifest):
+            raise InputError(
+                f"{flag} {path} is the --manifest file: writing there would destroy it; "
+                f"choose another {flag}"
+            )
 
 
 def write_report(path: Path, report: RunReport) -> None:

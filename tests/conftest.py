@@ -18,12 +18,19 @@ sys.path.insert(0, str(TESTS.parent))
 sys.path.insert(0, str(TESTS))
 
 from helpers import VLLM_PYTHONS, chirp, tone, vllm_python, write_demo_assets  # noqa: E402
+from speech_model import install as install_speech_model  # noqa: E402
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+
+
+@pytest.fixture(scope="session")
+def speech_model(tmp_path_factory) -> Path:
+    """The speech-trained tiny checkpoint (built by tests/run.sh first, cached)."""
+    return install_speech_model(tmp_path_factory.mktemp("speech-model"))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,3 +237,32 @@ class HeldAudioServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start(
+    argv: list[str], home: Path, layout: dict[str, str] = IN_PROCESS_ENGINE, stderr=subprocess.PIPE
+) -> subprocess.Popen:
+    """The run in a session of its own: the test can signal the whole process
+    group, as a terminal's Ctrl-C or a scheduler does, and find any process
+    left behind. A long run's stderr goes to a file (stderr=): vLLM's CPU
+    engine logs a line per request, and a full pipe nobody reads stops it."""
+    return subprocess.Popen(
+        argv,
+        env=user_env(home, layout),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
+def line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_for_lines(proc: subprocess.Popen, out: Path, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while line_count(out) < count:
+        assert proc.poll() is None, "the run ended before the moment to interrupt it"
+        assert time.monotonic() < deadline, f"no {count} records within {timeout} s"
+        time.sleep(0.01)

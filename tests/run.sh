@@ -103,12 +103,13 @@ wait "$main_build"
 PLAIN=$(ensure_plain)
 
 # The Slurm tests start a real single-node Slurm: its daemons come from
-# Debian; ffmpeg makes the multi-channel AAC/M4A files the decoding tests read.
+# Debian; ffmpeg makes the multi-channel AAC/M4A files the decoding tests read;
+# espeak-ng speaks what the speech model learns and the hearing tests ask.
 if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null ||
-  ! command -v ffmpeg > /dev/null; then
-  echo "installing slurm-wlm, munge and ffmpeg (apt-get, once)" >&2
+  ! command -v ffmpeg > /dev/null || ! command -v espeak-ng > /dev/null; then
+  echo "installing slurm-wlm, munge, ffmpeg and espeak-ng (apt-get, once)" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    slurm-wlm munge ffmpeg; } \
+    slurm-wlm munge ffmpeg espeak-ng; } \
     > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; exit 1; }
 fi
 
@@ -120,5 +121,8 @@ export "${podman_conf?}"
 "$MAIN/bin/python" -m ruff check run_qwen2_audio.py tests bench
 "$MAIN/bin/python" -m ruff format --check run_qwen2_audio.py tests bench
 "$MAIN/bin/hadolint" Dockerfile
+# The speech-trained tiny model of the hearing tests: built once per version
+# of its builder (about 20 minutes on two cores), cached beside the venvs.
+RQA_CACHE="$CACHE" "$MAIN/bin/python" tests/speech_model.py --cached
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
 VLLM023_PYTHON="$OLD/bin/python" PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"

@@ -25,9 +25,12 @@ from helpers import (
     ROOT,
     SCRIPT,
     HeldAudioServer,
+    line_count,
+    start,
     tone,
     tracebacks_of_ours,
     user_env,
+    wait_for_lines,
 )
 
 import run_qwen2_audio as tool
@@ -81,38 +84,11 @@ def batch_argv(
     ]
 
 
-def start(
-    argv: list[str], home: Path, layout: dict[str, str] = IN_PROCESS_ENGINE
-) -> subprocess.Popen:
-    # A session of its own: the test can signal the whole process group, as a
-    # terminal's Ctrl-C or a scheduler does, and find any process left behind.
-    return subprocess.Popen(
-        argv,
-        env=user_env(home, layout),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-
 def finish(argv: list[str], home: Path) -> subprocess.CompletedProcess:
     """The same command run to its end, as a user reruns it."""
     return subprocess.run(
         argv, env=user_env(home, IN_PROCESS_ENGINE), cwd=ROOT, capture_output=True, timeout=600
     )
-
-
-def line_count(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
-
-
-def wait_for_lines(proc: subprocess.Popen, out: Path, count: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while line_count(out) < count:
-        assert proc.poll() is None, "the run ended before the moment to interrupt it"
-        assert time.monotonic() < deadline, f"no {count} records within {timeout} s"
-        time.sleep(0.01)
 
 
 def processes_in_session(session: int) -> list[int]:

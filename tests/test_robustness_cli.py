@@ -293,3 +293,21 @@ def test_bad_flags_are_bad_input_not_a_crash(tiny_model, tmp_path, home, flags, 
                      home=home, cwd=tmp_path)  # fmt: skip
     assert says in one_error_line(result)
     assert not (tmp_path / "a.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, resume", [("--output", []), ("--output", ["--resume"]), ("--report", [])]
+)
+def test_results_are_never_written_over_the_manifest(tiny_model, tmp_path, home, flag, resume):
+    """--output jobs.jsonl beside --manifest jobs.jsonl would empty the manifest
+    (or, resuming, read its lines as finished requests and answer nothing)."""
+    soundfile.write(tmp_path / "a.wav", tone(1, 16000), 16000)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
+    before = manifest.read_bytes()
+    output = [] if flag == "--output" else ["--output", "out.jsonl"]
+    result = run_cli("--model", tiny_model, "--manifest", "jobs.jsonl", *output,
+                     flag, "./jobs.jsonl", *resume, home=home, cwd=tmp_path)  # fmt: skip
+    line = one_error_line(result)
+    assert f"{flag} jobs.jsonl is the --manifest file" in line, line
+    assert manifest.read_bytes() == before

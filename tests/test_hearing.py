@@ -1,0 +1,482 @@
+"""The tool hears: a tiny Qwen2-Audio trained here on espeak-ng speech
+(tests/speech_model.py) answers utterances it never heard, run through the CLI
+as users run it, and the answers are scored against the words spoken.
+
+A defect that keeps shapes passes every random-weight test and fails here:
+audio resampled at the wrong rate, a segment offset off by a second, a word
+cut or doubled at a split point, one request's answer under another's id in a
+busy batch, clips swapped in a prompt.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+from functools import partial
+from pathlib import Path
+
+import hearing
+import jiwer
+import numpy as np
+import pytest
+import soundfile
+import soxr
+import srt
+from helpers import (
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    SCRIPT,
+    HeldAudioServer,
+    local_http_server,
+    read_jsonl,
+    run_cli,
+    start,
+    tracebacks_of_ours,
+    vllm_python,
+    wait_for_lines,
+)
+from whisper_normalizer.english import EnglishTextNormalizer
+
+import run_qwen2_audio as tool
+
+pytestmark = pytest.mark.engine
+
+# Bounds. Issue 20's where this model meets them; where it does not, the
+# measured figure and a bound above it (README, "How we know it hears"):
+# the model's own held-out WER (card.json) is 2.9%, 0.6% on one sentence.
+WAV_WER = 0.05
+FORMAT_POINTS = 0.02  # lossless formats: within 2 points of the 16 kHz WAV
+# Lossy ones: measured +3.2 (MP3) and +2.7 (Vorbis) points; the tiny model
+# still hears some codec artefacts though it was trained on codec round trips.
+LOSSY_POINTS = 0.04
+LOSSY = ("mp3", "ogg-44k-stereo")
+# Segments of several utterances: measured 9.6% on 9 s segments of ~17 words
+# against 0.0% one by one (the model's, not the split's: transformers answers
+# the same on the same samples, and no cut falls inside an utterance).
+SEGMENT_WER = 0.15  # issue 20's bound for a recording split at 10 s
+SEVERAL_CLIPS_WER = 0.30  # measured 23.6% (clips 2 and 3 lose their first word)
+SEGMENT_SECONDS = 10  # within the 11 s clips the model was trained on
+OFFLINE = {**IN_PROCESS_ENGINE, "HF_HUB_OFFLINE": "1"}
+
+
+def run_speech_model(
+    model: Path, home: Path, *args: str | Path, python: str, env=OFFLINE, timeout: float = 600
+):
+    """The CLI on the speech model, greedy, answers long enough for any clip."""
+    return run_cli(
+        "--model",
+        model,
+        *args,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+        "--no-progress",
+        *CPU_ENGINE_FLAGS,
+        home=home,
+        env=env,
+        python=python,
+        timeout=timeout,
+    )
+
+
+def answers_by_id(path: Path) -> dict[str, str]:
+    records = read_jsonl(path)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), "an id answered twice"
+    errors = [r for r in records if "error" in r]
+    assert not errors, errors[:3]
+    return {r["id"]: r["answer"] for r in records}
+
+
+def plain_wer(utterances: list[hearing.Utterance], answers: dict[str, str], prefix: str) -> float:
+    return hearing.word_error_rate(
+        [u.text for u in utterances], [answers[f"{prefix}{u.id}"] for u in utterances]
+    )
+
+
+# --------------------------------------------------------------------------
+# Held-out speech as users' files
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heldout(speech_model: Path) -> list[hearing.Utterance]:
+    return hearing.utterances(hearing.vocabulary(speech_model), 40, seed=2026)
+
+
+def write_variants(folder: Path, utterance: hearing.Utterance) -> dict[str, Path]:
+    """One utterance in every format a user might hand over."""
+    wav = hearing.write_wav(folder / f"{utterance.id}.wav", utterance.samples)
+    stereo44 = np.stack([utterance.samples] * 2, axis=1)
+    stereo44 = soxr.resample(stereo44, hearing.RATE, 44100).astype(np.float32)
+    made = {
+        "wav": wav,
+        "mp3": hearing.convert(wav, folder / f"{utterance.id}.mp3", "-ar", "44100", "-ac", "2"),
+        "ogg-44k-stereo": hearing.convert(
+            wav, folder / f"{utterance.id}.ogg", "-ar", "44100", "-ac", "2", "-c:a", "libvorbis"
+        ),
+        "flac-48k-24bit": folder / f"{utterance.id}.flac",
+        "wav-44k-stereo-float": folder / f"{utterance.id}-float.wav",
+        "wav-8k-telephone": folder / f"{utterance.id}-8k.wav",
+    }
+    samples48 = soxr.resample(utterance.samples, hearing.RATE, 48000)
+    soundfile.write(made["flac-48k-24bit"], samples48, 48000, subtype="PCM_24")
+    soundfile.write(made["wav-44k-stereo-float"], stereo44, 44100, subtype="FLOAT")
+    samples8 = soxr.resample(utterance.samples, hearing.RATE, 8000)
+    soundfile.write(made["wav-8k-telephone"], samples8, 8000, subtype="PCM_16")
+    return made
+
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_every_format_is_heard_and_several_clips_answer_in_order(
+    vllm, speech_model, heldout, tmp_path, home
+):
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    variants = {u.id: write_variants(folder, u) for u in heldout}
+    formats = list(variants[heldout[0].id])
+    # Several clips in one prompt: two or three utterances, then the same reversed.
+    groups = [heldout[i : i + 2] for i in range(0, 8, 2)]
+    groups += [heldout[i : i + 3] for i in range(8, 23, 3)]
+    with local_http_server(partial(Files, directory=str(folder))) as base:
+        lines = []
+        for name in formats:
+            for u in heldout:
+                line = {"id": f"{name}/{u.id}", "audio": str(variants[u.id][name])}
+                if name != "wav-8k-telephone":  # reported, not bounded (see below)
+                    line["reference"] = u.text
+                lines.append(line)
+        lines += [
+            {"id": f"http/{u.id}", "audio": f"{base}/{u.id}.wav", "reference": u.text}
+            for u in heldout
+        ]
+        for k, group in enumerate(groups):
+            paths = [str(variants[u.id]["wav"]) for u in group]
+            lines.append({"id": f"several/{k}", "audio": paths})
+            lines.append({"id": f"reversed/{k}", "audio": paths[::-1]})
+        out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+        result = run_speech_model(
+            speech_model,
+            home,
+            "--manifest",
+            hearing.write_manifest(tmp_path / "jobs.jsonl", lines),
+            "--output",
+            out,
+            "--report",
+            report,
+            python=vllm,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not tracebacks_of_ours(result.stderr)
+    answers = answers_by_id(out)
+    assert len(answers) == len(lines)
+
+    rates = {name: plain_wer(heldout, answers, f"{name}/") for name in [*formats, "http"]}
+    print(f"{vllm}: WER by format " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+    assert rates["wav"] <= WAV_WER, rates
+    bounded = [name for name in rates if name != "wav-8k-telephone"]
+    for name in bounded:
+        points = LOSSY_POINTS if name in LOSSY else FORMAT_POINTS
+        assert rates[name] <= rates["wav"] + points, (name, rates)
+
+    # The tool's own corpus WER: the same number jiwer gives over its records
+    # (Whisper's English normalisation, as the tool documents), and low.
+    records = [r for r in read_jsonl(out) if "reference" in r]
+    normalize = EnglishTextNormalizer()
+    expected = jiwer.wer(
+        [normalize(r["reference"]) for r in records], [normalize(r["answer"]) for r in records]
+    )
+    tool_score = json.loads(report.read_text())["scores"]["en"]
+    assert tool_score["scored"] == len(records)
+    assert tool_score["wer"] == pytest.approx(expected, abs=1e-4)
+    assert tool_score["wer"] <= WAV_WER, tool_score
+
+    # Each clip's words in clip order, joined by " | " (card.json's format);
+    # reversed clips, reversed answers.
+    for kind, order in (("several", 1), ("reversed", -1)):
+        references, hypotheses, whole = [], [], 0
+        for k, group in enumerate(groups):
+            spoken = [u.text for u in group[::order]]
+            parts = answers[f"{kind}/{k}"].split("|")
+            if len(parts) == len(group):
+                whole += 1
+                # In order: each part is nearer its own clip's words than any other's.
+                for i, part in enumerate(parts):
+                    nearest = min(spoken, key=lambda text: hearing.word_error_rate([text], [part]))
+                    assert nearest == spoken[i], (kind, k, spoken, parts)
+            parts += [""] * (len(group) - len(parts))  # a missing clip: all its words lost
+            references += spoken
+            hypotheses += parts[: len(group)]
+        rate = hearing.word_error_rate(references, hypotheses)
+        print(f"{vllm}: {kind} clips, WER per clip {rate:.1%}, {whole}/{len(groups)} whole")
+        assert whole >= len(groups) - 2, (
+            kind,
+            [answers[f"{kind}/{k}"] for k in range(len(groups))],
+        )
+        assert rate <= SEVERAL_CLIPS_WER, (kind, rate)
+
+
+# --------------------------------------------------------------------------
+# Long audio: split at pauses, no word lost or doubled at a cut
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_recording(speech_model: Path, tmp_path_factory) -> tuple[Path, hearing.Recording, list]:
+    """Over 3 minutes of held-out utterances with 0.3-1.5 s gaps, and its parts."""
+    parts = hearing.utterances(hearing.vocabulary(speech_model), 80, seed=2027, prefix="p")
+    recording = hearing.recording(parts, seed=2027)
+    assert len(recording.samples) / hearing.RATE >= 180
+    folder = tmp_path_factory.mktemp("long")
+    (folder / "parts").mkdir()
+    (folder / "talk").mkdir()
+    for part in parts:
+        hearing.write_wav(folder / "parts" / f"{part.id}.wav", part.samples)
+    path = hearing.write_wav(folder / "talk" / "talk.wav", recording.samples)
+    return path, recording, parts
+
+
+# vLLM's and transformers' float32 kernels differ in the last bits; on this
+# trained model's answers of ~17 words the two best tokens are sometimes this
+# close, and greedy decoding then goes either way (measured: 3 of 23 segments,
+# margins 0.01-0.12, the same on vLLM 0.23 and 0.32). Segments moved by 0.3 s
+# gave margins up to 1.1, by 1 s up to 15 (40 ms: 0.05, not detectable).
+NEAR_TIE = 0.25
+
+
+def greedy_in_transformers(model: Path, prompt: str, samples: np.ndarray, times, answers) -> list:
+    """Each answer scored by transformers on the same samples and prompt, teacher
+    forced: the tokens where transformers' greedy choice differs, with the margin
+    by which it preferred its own. The CLI answered from exactly those samples
+    if every margin is a near-tie (an offset, a lost or doubled piece of audio,
+    another segment's answer would not be)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model)
+    network = Qwen2AudioForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    differences = []
+    for (begin, end), answer in zip(times, answers, strict=True):
+        piece = samples[round(begin * hearing.RATE) : round(end * hearing.RATE)]
+        inputs = processor(
+            text=prompt, audio=[piece], sampling_rate=hearing.RATE, return_tensors="pt"
+        )
+        chosen = processor.tokenizer(answer, add_special_tokens=False).input_ids + [eos]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([chosen])], dim=1)
+        with torch.no_grad():
+            logits = network.eval()(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                input_features=inputs["input_features"],
+                feature_attention_mask=inputs["feature_attention_mask"],
+            ).logits[0, inputs["input_ids"].shape[1] - 1 : -1]
+        for step, token in enumerate(chosen):
+            margin = (logits[step].max() - logits[step, token]).item()
+            if margin > 0:
+                differences.append((begin, step, round(margin, 3)))
+    return differences
+
+
+def cut_inside_an_utterance(recording: hearing.Recording, times: list[float]) -> list[float]:
+    return [t for t in times for s in recording.spans if s.start + 0.02 < t < s.end - 0.02]
+
+
+def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
+    speech_model, long_recording, tmp_path, home
+):
+    path, recording, parts = long_recording
+    lines = [
+        {
+            "id": f"one/{p.id}",
+            "audio": str(path.parent.parent / "parts" / f"{p.id}.wav"),
+            "reference": p.text,
+        }
+        for p in parts
+    ]
+    lines.append({"id": "talk", "audio": str(path), "reference": " ".join(recording.words)})
+    out = tmp_path / "out.jsonl"
+    result = run_speech_model(
+        speech_model,
+        home,
+        "--manifest",
+        hearing.write_manifest(tmp_path / "jobs.jsonl", lines),
+        "--output",
+        out,
+        "--long-audio",
+        "split",
+        "--segment-seconds",
+        str(SEGMENT_SECONDS),
+        python=vllm_python("vllm-0.32"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = answers_by_id(out)
+    one_by_one = plain_wer(parts, answers, "one/")
+    whole = hearing.word_error_rate([" ".join(recording.words)], [answers["talk"]])
+    talk = next(r for r in read_jsonl(out) if r["id"] == "talk")
+    segments = talk["segments"]
+    cuts = [s["start"] for s in segments[1:]] + [s["end"] for s in segments[:-1]]
+    per_segment = hearing.word_error_rate(
+        [" ".join(hearing.words_between(recording.spans, s["start"], s["end"])) for s in segments],
+        [s["answers"][0] for s in segments],
+    )
+    print(
+        f"{len(recording.samples) / hearing.RATE:.0f} s in {len(segments)} segments: WER whole "
+        f"{whole:.1%}, per segment {per_segment:.1%}, one by one {one_by_one:.1%}"
+    )
+    assert all(s["end"] - s["start"] <= SEGMENT_SECONDS + 1e-3 for s in segments)
+    # One after another from the first sample to the last: no audio left out.
+    assert segments[0]["start"] == 0
+    assert segments[-1]["end"] == pytest.approx(len(recording.samples) / hearing.RATE, abs=1e-3)
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:], strict=False))
+    assert not cut_inside_an_utterance(recording, cuts), "a cut inside an utterance"
+    # Each segment answered from exactly its own samples: transformers, given
+    # the same samples and prompt, says the same (an offset, a lost or doubled
+    # piece of audio, another segment's answer would differ).
+    differences = greedy_in_transformers(
+        speech_model,
+        talk["prompt"],
+        recording.samples,
+        [(s["start"], s["end"]) for s in segments],
+        [s["answers"][0] for s in segments],
+    )
+    print(f"tokens transformers would have chosen otherwise: {differences}")
+    assert all(margin <= NEAR_TIE for *_, margin in differences), differences
+    assert whole <= SEGMENT_WER
+    assert per_segment <= SEGMENT_WER
+
+
+def test_subtitle_cues_hold_the_words_spoken_between_their_times(
+    speech_model, long_recording, tmp_path, home
+):
+    path, recording, parts = long_recording
+    directory = tmp_path / "subtitles"
+    result = run_speech_model(
+        speech_model,
+        home,
+        "--audio-dir",
+        path.parent,
+        "--output-dir",
+        directory,
+        "--output-format",
+        "srt",
+        "--segment-seconds",
+        str(SEGMENT_SECONDS),
+        python=vllm_python("vllm-0.23"),  # the image's vLLM
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [subtitles] = directory.glob("*.srt")  # the recording's, named after its id
+    cues = list(srt.parse(subtitles.read_text()))
+    times = [(c.start.total_seconds(), c.end.total_seconds()) for c in cues]
+    spoken = [" ".join(hearing.words_between(recording.spans, a, b)) for a, b in times]
+    rate = hearing.word_error_rate(spoken, [c.content for c in cues])
+    whole = hearing.word_error_rate(
+        [" ".join(recording.words)], [" ".join(c.content for c in cues)]
+    )
+    print(f"{len(cues)} cues: WER of cues against the words between their times {rate:.1%}")
+    assert len(cues) >= 180 // SEGMENT_SECONDS
+    assert not cut_inside_an_utterance(recording, [t for pair in times[1:] for t in pair])
+    prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    differences = greedy_in_transformers(
+        speech_model, prompt, recording.samples, times, [c.content for c in cues]
+    )
+    assert all(margin <= NEAR_TIE for *_, margin in differences), differences
+    assert rate <= SEGMENT_WER
+    assert whole <= SEGMENT_WER
+
+
+# --------------------------------------------------------------------------
+# A busy batch: every answer under its own id, killed and resumed too
+# --------------------------------------------------------------------------
+
+BUSY = 500
+
+
+def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed(
+    speech_model, tmp_path, home
+):
+    speech = hearing.utterances(hearing.vocabulary(speech_model), BUSY, seed=2028, prefix="b")
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for u in speech:
+        hearing.write_wav(folder / f"{u.id}.wav", u.samples)
+    lines = [
+        {"id": u.id, "audio": str(folder / f"{u.id}.wav"), "reference": u.text} for u in speech
+    ]
+
+    def write_manifest(name: str, extra: list[dict]) -> Path:
+        return hearing.write_manifest(tmp_path / f"{name}-jobs.jsonl", lines + extra)
+
+    python = vllm_python("vllm-0.32")
+    serial_out = tmp_path / "serial.jsonl"
+    serial = run_speech_model(
+        speech_model,
+        home,
+        "--manifest",
+        write_manifest("serial", []),
+        "--output",
+        serial_out,
+        "--max-num-seqs",
+        "1",
+        python=python,
+        timeout=1200,  # 500 requests one at a time, beside another test on two cores
+    )
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    one_at_a_time = answers_by_id(serial_out)
+
+    busy_out = tmp_path / "busy.jsonl"
+    with HeldAudioServer() as held:
+        # The held request comes last: the run cannot end before the kill.
+        manifest = write_manifest("busy", [{"id": "zz-held", "audio": held.url}])
+        argv = [
+            python,
+            str(SCRIPT),
+            "--model",
+            str(speech_model),
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(busy_out),
+            "--max-num-seqs",
+            "64",
+            "--chunk-size",
+            "128",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "--no-progress",
+            "--url-timeout",
+            "3600",
+            "--resume",
+            *CPU_ENGINE_FLAGS,
+        ]
+        assert not busy_out.exists()
+        with open(tmp_path / "busy.stderr", "wb") as log:
+            proc = start(argv, home, OFFLINE, stderr=log)
+        wait_for_lines(proc, busy_out, BUSY // 3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        held.release()
+        resumed = run_cli(*argv[2:], home=home, env=OFFLINE, python=python)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    busy = answers_by_id(busy_out)
+    busy.pop("zz-held")
+    assert set(busy) == set(one_at_a_time)
+    same = sum(busy[i] == one_at_a_time[i] for i in busy)
+    serial_wer = plain_wer(speech, one_at_a_time, "")
+    busy_wer = plain_wer(speech, busy, "")
+    print(
+        f"{BUSY} utterances: WER one at a time {serial_wer:.1%}, busy {busy_wer:.1%}, "
+        f"same answer {same}/{BUSY}"
+    )
+    assert serial_wer <= WAV_WER
+    assert busy_wer <= serial_wer + 0.01
+    assert same >= 0.98 * BUSY
