@@ -3067,15 +3067,28 @@ def check_report_path(path: Path | None) -> None:
 
 def check_not_the_manifest(args: argparse.Namespace) -> None:
     """Results written over the manifest would destroy it (and with --resume
-    its lines, each with an "id", would read as finished requests)."""
-    if args.manifest is None or not args.manifest.exists():
-        return
-    for flag, path in (("--output", args.output), ("--report", args.report)):
-        if path is not None and path.exists() and os.path.samefile(path, args.manifest):
+    its lines, each with an "id", would read as finished requests); a report
+    written over --output would replace every result."""
+    pairs = [
+        ("--output", args.output, "--manifest", args.manifest),
+        ("--report", args.report, "--manifest", args.manifest),
+        ("--report", args.report, "--output", args.output),
+    ]
+    for flag, path, other_flag, other in pairs:
+        if path is not None and other is not None and same_file(path, other):
             raise InputError(
-                f"{flag} {path} is the --manifest file: writing there would destroy it; "
+                f"{flag} {path} is the {other_flag} file: writing there would destroy it; "
                 f"choose another {flag}"
             )
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Both exist and are one file; an unreadable path is not (the output's
+    own checks say what is wrong with it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def write_report(path: Path, report: RunReport) -> None:

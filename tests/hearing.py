@@ -146,9 +146,4 @@ def word_error_rate(references: list[str], answers: list[str]) -> float:
     """Corpus WER over plain lower-case words: edits over all reference words."""
     import jiwer
 
-    return jiwer.wer([r.lower() for r in references], [a.lower().strip() or "" for a in answers])
-
-
-def answer_words(answer: str) -> list[str]:
-    """The words of an answer; several clips' answers are joined by ' | '."""
-    return answer.replace("|", " ").lower().split()
+    return jiwer.wer([r.lower() for r in references], [a.lower() for a in answers])

@@ -48,9 +48,11 @@ pytestmark = pytest.mark.engine
 # the model's own held-out WER (card.json) is 2.9%, 0.6% on one sentence.
 WAV_WER = 0.05
 FORMAT_POINTS = 0.02  # lossless formats: within 2 points of the 16 kHz WAV
-# Lossy ones: measured +3.2 (MP3) and +2.7 (Vorbis) points; the tiny model
-# still hears some codec artefacts though it was trained on codec round trips.
-LOSSY_POINTS = 0.04
+# Lossy ones: measured 3.7% (MP3) and 3.2% (Vorbis) against 0.5% on WAV: the
+# tiny model still hears some codec artefacts though it was trained on codec
+# round trips. A fixed bound: one word is 0.5 points here, and a relative one
+# would move with every near-tie on the WAV side.
+LOSSY_WER = 0.06
 LOSSY = ("mp3", "ogg-44k-stereo")
 # Segments of several utterances: measured 9.6% on 9 s segments of ~17 words
 # against 0.0% one by one (the model's, not the split's: transformers answers
@@ -183,8 +185,8 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
     assert rates["wav"] <= WAV_WER, rates
     bounded = [name for name in rates if name != "wav-8k-telephone"]
     for name in bounded:
-        points = LOSSY_POINTS if name in LOSSY else FORMAT_POINTS
-        assert rates[name] <= rates["wav"] + points, (name, rates)
+        bound = LOSSY_WER if name in LOSSY else rates["wav"] + FORMAT_POINTS
+        assert rates[name] <= bound, (name, rates)
 
     # The tool's own corpus WER: the same number jiwer gives over its records
     # (Whisper's English normalisation, as the tool documents), and low.
@@ -343,7 +345,7 @@ def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
     differences = greedy_in_transformers(
         speech_model,
         talk["prompt"],
-        recording.samples,
+        soundfile.read(path, dtype="float32")[0],  # the 16-bit file, as the tool read it
         [(s["start"], s["end"]) for s in segments],
         [s["answers"][0] for s in segments],
     )
@@ -384,8 +386,9 @@ def test_subtitle_cues_hold_the_words_spoken_between_their_times(
     assert len(cues) >= 180 // SEGMENT_SECONDS
     assert not cut_inside_an_utterance(recording, [t for pair in times[1:] for t in pair])
     prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    samples = soundfile.read(path, dtype="float32")[0]
     differences = greedy_in_transformers(
-        speech_model, prompt, recording.samples, times, [c.content for c in cues]
+        speech_model, prompt, samples, times, [c.content for c in cues]
     )
     assert all(margin <= NEAR_TIE for *_, margin in differences), differences
     assert rate <= SEGMENT_WER
@@ -461,9 +464,11 @@ def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed
         assert not busy_out.exists()
         with open(tmp_path / "busy.stderr", "wb") as log:
             proc = start(argv, home, OFFLINE, stderr=log)
-        wait_for_lines(proc, busy_out, BUSY // 3)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        try:
+            wait_for_lines(proc, busy_out, BUSY // 3)
+        finally:  # also when the wait fails: no run left behind on the machine
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
         held.release()
         resumed = run_cli(*argv[2:], home=home, env=OFFLINE, python=python)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

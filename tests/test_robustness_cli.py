@@ -296,18 +296,27 @@ def test_bad_flags_are_bad_input_not_a_crash(tiny_model, tmp_path, home, flags, 
 
 
 @pytest.mark.parametrize(
-    "flag, resume", [("--output", []), ("--output", ["--resume"]), ("--report", [])]
+    "flags, says",
+    [
+        (["--output", "./jobs.jsonl"], "--output jobs.jsonl is the --manifest file"),
+        (["--output", "./jobs.jsonl", "--resume"], "--output jobs.jsonl is the --manifest file"),
+        (
+            ["--output", "o.jsonl", "--report", "jobs.jsonl"],
+            "--report jobs.jsonl is the --manifest",
+        ),
+        (["--output", "o.jsonl", "--report", "o.jsonl"], "--report o.jsonl is the --output file"),
+    ],
 )
-def test_results_are_never_written_over_the_manifest(tiny_model, tmp_path, home, flag, resume):
+def test_results_are_never_written_over_the_inputs(tiny_model, tmp_path, home, flags, says):
     """--output jobs.jsonl beside --manifest jobs.jsonl would empty the manifest
-    (or, resuming, read its lines as finished requests and answer nothing)."""
+    (or, resuming, read its lines as finished requests and answer nothing); a
+    --report written over --output would replace the results."""
     soundfile.write(tmp_path / "a.wav", tone(1, 16000), 16000)
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
-    before = manifest.read_bytes()
-    output = [] if flag == "--output" else ["--output", "out.jsonl"]
-    result = run_cli("--model", tiny_model, "--manifest", "jobs.jsonl", *output,
-                     flag, "./jobs.jsonl", *resume, home=home, cwd=tmp_path)  # fmt: skip
-    line = one_error_line(result)
-    assert f"{flag} jobs.jsonl is the --manifest file" in line, line
-    assert manifest.read_bytes() == before
+    (tmp_path / "o.jsonl").write_text('{"id": "earlier"}\n')
+    before = manifest.read_bytes(), (tmp_path / "o.jsonl").read_bytes()
+    result = run_cli("--model", tiny_model, "--manifest", "jobs.jsonl", *flags,
+                     home=home, cwd=tmp_path)  # fmt: skip
+    assert says in one_error_line(result)
+    assert (manifest.read_bytes(), (tmp_path / "o.jsonl").read_bytes()) == before
