@@ -123,7 +123,9 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
-    "{% if 'audio' in content or 'audio_url' in content %}"
+    # vLLM's chat path (its OpenAI server, run-batch) passes {"type": "audio"}
+    # parts: without the type test its prompt had no audio placeholder.
+    "{% if 'audio' in content or 'audio_url' in content or content['type'] == 'audio' %}"
     "{% set audio_count.value = audio_count.value + 1 %}"
     "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
