@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tiny_model import SPECIAL_TOKENS  # the same tokens as the random model
 
 # --------------------------------------------------------------------------
 # What the model hears and answers
@@ -106,16 +107,9 @@ QUESTIONS = (
     "Detect the language and recognize the speech: <|en|>",
 )
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-]
 AUDIO_PART = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-# Qwen2-Audio-7B-Instruct's published chat template.
+# Qwen2-Audio-7B-Instruct's published chat template, with the test for
+# {"type": "audio"} parts that transformers' default one has (below).
 CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
