@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiny_model import SPECIAL_TOKENS  # the same tokens as the random model
+from tiny_model import SPECIAL_TOKENS, save_published_weights  # shared with the random model
 
 # --------------------------------------------------------------------------
 # What the model hears and answers
@@ -568,22 +568,10 @@ def build_model(tokenizer):
 
 def save_checkpoint(model, processor, directory: Path) -> None:
     """Config, tokenizer, processor and weights in the published checkpoint's layout."""
-    from safetensors.torch import save_file
-
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     processor.save_pretrained(directory)
-    # vLLM rejects transformers 5's language_model.model.model.* names; the
-    # published layout is language_model.model.*, and transformers loads it too.
-    state = {}
-    for name, tensor in model.state_dict().items():
-        name = name.removeprefix("model.")
-        if name.startswith("language_model."):
-            name = "language_model.model." + name.removeprefix("language_model.")
-        if name == "lm_head.weight":
-            name = "language_model.lm_head.weight"
-        state[name] = tensor.detach().contiguous()
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_published_weights(model, directory)
 
 
 # --------------------------------------------------------------------------

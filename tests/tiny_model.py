@@ -60,7 +60,6 @@ def build_tokenizer(directory: Path):
 def build_tiny_qwen2_audio(directory: Path) -> Path:
     """Write config, tokenizer, processor and random weights into directory."""
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         Qwen2AudioConfig,
         Qwen2AudioForConditionalGeneration,
@@ -112,17 +111,7 @@ def build_tiny_qwen2_audio(directory: Path) -> Path:
         model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
     config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
-    # The published checkpoint's layout (vLLM rejects transformers 5's
-    # language_model.model.model.* names; transformers loads either).
-    state = {}
-    for name, tensor in model.state_dict().items():
-        name = name.removeprefix("model.")
-        if name.startswith("language_model."):
-            name = "language_model.model." + name.removeprefix("language_model.")
-        if name == "lm_head.weight":
-            name = "language_model.lm_head.weight"
-        state[name] = tensor.contiguous()
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_published_weights(model, directory)
     extractor = WhisperFeatureExtractor(
         feature_size=128,
         sampling_rate=16000,
@@ -138,3 +127,19 @@ if __name__ == "__main__":
     import sys
 
     print(build_tiny_qwen2_audio(Path(sys.argv[1])))
+
+
+def save_published_weights(model, directory: Path) -> None:
+    """model.safetensors in the published checkpoint's layout (vLLM rejects
+    transformers 5's language_model.model.model.* names; transformers loads either)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = name.removeprefix("model.")
+        if name.startswith("language_model."):
+            name = "language_model.model." + name.removeprefix("language_model.")
+        if name == "lm_head.weight":
+            name = "language_model.lm_head.weight"
+        state[name] = tensor.detach().contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
