@@ -929,13 +929,19 @@ def decode_to_16k_mono(handle: Any, name: str) -> Clip:
 
     try:
         with soundfile.SoundFile(handle) as sound:
-            out = Mono16k(sound.samplerate, sound.frames)
-            blocks = sound.blocks(blocksize=sound.samplerate * 10, dtype="float32", always_2d=True)
-            for block in blocks:
-                out.add(block)
-            return Clip(name, out.finish(), sound.samplerate, sound.channels)
+            if sound.format != "MP3":
+                out = Mono16k(sound.samplerate, sound.frames)
+                for block in sound.blocks(
+                    blocksize=sound.samplerate * 10, dtype="float32", always_2d=True
+                ):
+                    out.add(block)
+                return Clip(name, out.finish(), sound.samplerate, sound.channels)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         return decode_with_ffmpeg(handle, name, str(exc))
+    # libsndfile (1.2.2) read block by block loses audio at every block
+    # boundary of some MP3s (those libsndfile itself writes: 0.22 s of
+    # silence after each 10 s block); FFmpeg streams them whole.
+    return decode_with_ffmpeg(handle, name, "MP3, which libsndfile reads with gaps")
 
 
 def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
@@ -1579,7 +1585,9 @@ def answer_requests(
 
     llm is a vllm.LLM, or a function that makes one: then the first requests'
     audio is decoded while the engine starts (unless options.prompt_format
-    is "auto": the engine's checkpoint tells chat from raw first). Audio is decoded ahead in
+    is "auto": the engine's checkpoint tells chat from raw first), and the
+    engine is stopped when the records end or the generator is closed (so
+    the function must make a new LLM, not hand out a shared one). Audio is decoded ahead in
     options.decode_workers threads, and the engine is kept fed: a request's
     segments go in as soon as its audio is ready and a slot is free, and its
     record comes out when it finishes, after those of the requests before it.
@@ -1594,12 +1602,6 @@ def answer_requests(
 
     options = options or Options()
     ours = not hasattr(llm, "generate")  # an engine we start is ours to stop
-    if options.prompt_format == "auto":  # the engine's checkpoint decides
-        llm = llm if hasattr(llm, "generate") else llm()
-        model = Path(llm.llm_engine.model_config.model)
-        options = dataclasses.replace(
-            options, prompt_format=choose_prompt_format("auto", model if model.is_dir() else None)
-        )
     params = copy.copy(sampling_params or tutorial_sampling_params())
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
@@ -1616,6 +1618,11 @@ def answer_requests(
 
     feeder = None
     try:
+        if options.prompt_format == "auto":  # the engine's checkpoint decides
+            llm = llm if hasattr(llm, "generate") else llm()
+            model = Path(llm.llm_engine.model_config.model)
+            chosen = choose_prompt_format("auto", model if model.is_dir() else None)
+            options = dataclasses.replace(options, prompt_format=chosen)
         decode_ahead()
         llm = llm if hasattr(llm, "generate") else llm()
         feeder = EngineFeeder(llm, params, options)
@@ -1630,22 +1637,29 @@ def answer_requests(
             feeder.step()
             yield from feeder.finished_records()
     finally:
-        pool.shutdown()
-        if feeder is not None:
-            feeder.abort()  # a consumer that stopped early leaves nothing running
-        if ours and hasattr(llm, "generate"):
-            stop_engine(llm)
+        try:
+            pool.shutdown()
+            if feeder is not None:
+                feeder.abort()  # a consumer that stopped early leaves nothing running
+        finally:
+            if ours and hasattr(llm, "generate"):
+                stop_engine(llm)
 
 
 def stop_engine(llm: Any) -> None:
-    """Stop an engine whose results are all in. Left to garbage collection,
-    vLLM gives its engine core process 5 s to exit by itself, and on CPU it
-    takes longer, so every run ended 5 s after its last result with the
-    engine killed anyway. vLLM's own batch runner stops it with timeout 0:
-    terminate, then kill what is left, at once."""
-    client = getattr(llm.llm_engine, "engine_core", None)
-    if client is not None:
-        client.shutdown(timeout=0)
+    """Stop an engine whose results are all in, as vLLM's OpenAI server and
+    batch runner stop theirs: with the engine's --shutdown-timeout (default
+    0: terminate, then kill what is left, at once). Left to garbage
+    collection, vLLM gives the engine core 5 s to exit by itself, which on
+    CPU it never did: every run ended 5 s after its last result with the
+    engine killed anyway. A failure here is said, never raised: it would
+    hide the run's own outcome (or the error being raised)."""
+    try:
+        client = getattr(llm.llm_engine, "engine_core", None)
+        if client is not None:
+            client.shutdown(timeout=llm.llm_engine.vllm_config.shutdown_timeout)
+    except Exception as exc:
+        log(f"warning: stopping vLLM's engine failed ({summary_of(exc)})")
 
 
 class DecodePool:
@@ -3243,13 +3257,16 @@ def exit_now(code: int) -> NoReturn:
     machine, and nothing a finished run needs happens in it: the handlers
     registered with atexit (vLLM's, multiprocessing's, logging's) still
     run here, the standard streams are flushed, then the process ends."""
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # a full disk under stdout: its error was said already
-    os._exit(code)
+    STOP_SIGNALS.finish()  # a signal now is noted, not raised: the code stands
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a full disk under stdout (said already), or no stream
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":

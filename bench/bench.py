@@ -8,7 +8,7 @@ on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
 Sections: run-batch, check, speech, engine, stages, rss, decode. Prints
 tables; BENCHMARKS.md records the numbers with machine and date.
 `run-batch` runs vLLM's batch runner and this tool as whole processes, an
-untimed round first, then BENCH_ROUNDS (3) rounds in alternating order, on
+untimed round first, then BENCH_ROUNDS (4) rounds in alternating order, on
 256 and 2,000 clips of 5 s and on compressed 5-30 s clips: medians, spreads,
 every run, and requests/s between the engine being up and the batch done
 (from each one's own log). `check` does it again on clips of its own and
@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -175,17 +176,29 @@ class Timing:
 
 
 # vLLM's engine core says this once its model is loaded and warmed up, in
-# either contender; the batch is done at run-batch's "Writing outputs" (it
-# writes every result at the end) and at this tool's summary.
+# either contender. The batch is done at run-batch's "Writing outputs" (it
+# writes every result at the end, then stops its engine) and, for this tool,
+# at its summary less the "engine stop" the summary reports.
 ENGINE_UP = "init engine (profile, create kv cache, warmup model) took"
-BATCH_DONE = ("Writing outputs to", "requests: ")
+RUN_BATCH_DONE = "] Writing outputs to"
+OUR_SUMMARY = "requests: "
+OUR_ENGINE_STOP = re.compile(r"engine stop ([0-9.]+) s")
+# The log lines the timings come from, whatever the caller's environment says.
+LOG_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "VLLM_CONFIGURE_LOGGING": "1",
+    "VLLM_LOGGING_LEVEL": "INFO",
+    "NO_COLOR": "1",
+}
 
 
 def timed_process(argv: list[str]) -> Timing:
     """Whole-process wall time of a fresh process in vLLM's default layout,
     with its log lines timestamped as they arrive (vLLM logs to stdout
     unless told otherwise; this tool to stderr)."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    env = {**os.environ, **LOG_ENV}
+    env.pop("FORCE_COLOR", None)
+    env.pop("VLLM_LOGGING_COLOR", None)
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timing = Timing(0.0)
@@ -194,12 +207,18 @@ def timed_process(argv: list[str]) -> Timing:
         line, now = raw.decode(errors="replace"), time.perf_counter() - started
         if timing.engine_up is None and ENGINE_UP in line:
             timing.engine_up = now
-        if any(line.startswith(mark) or f"] {mark}" in line for mark in BATCH_DONE):
+        if RUN_BATCH_DONE in line:
             timing.done = now
+        if line.startswith(OUR_SUMMARY):
+            timing.done = now
+        if line.startswith("stages: ") and (stop := OUR_ENGINE_STOP.search(line)):
+            timing.done -= float(stop.group(1))
         tail = [*tail[-20:], line]
     proc.wait()
     timing.wall = time.perf_counter() - started
-    assert proc.returncode == 0, f"{argv[:4]} failed:\n{''.join(tail)}"
+    said = "".join(tail)
+    assert proc.returncode == 0, f"{argv[:4]} failed:\n{said}"
+    assert timing.engine_up is not None and timing.done is not None, f"no timings in:\n{said}"
     return timing
 
 
@@ -259,7 +278,8 @@ def run_batch_answers(out: Path) -> dict[str, str]:
     return answers
 
 
-RUN_BATCH_ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# An even number: each contender goes first in half of the rounds.
+RUN_BATCH_ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 
 
 @dataclasses.dataclass
@@ -507,13 +527,13 @@ def main(sections: list[str]) -> None:
             f"{RUN_BATCH_CLIPS} clips of {CLIP_SECONDS} s WAV, {MAX_TOKENS} tokens, {engine}",
         )
         steady = clips_in(folder / "steady", STEADY_CLIPS)
-        result = compare_runners("steady", model, steady, folder, warm_up=False)
+        result = compare_runners("steady", model, steady, folder)
         print_comparison(
             result, f"{STEADY_CLIPS} clips of {CLIP_SECONDS} s WAV, {MAX_TOKENS} tokens, {engine}"
         )
         (folder / "z").mkdir()
         compressed = make_compressed_clips(folder / "z", COMPRESSED_CLIPS)
-        result = compare_runners("z", model, compressed, folder, warm_up=False)
+        result = compare_runners("z", model, compressed, folder)
         print_comparison(
             result,
             f"{COMPRESSED_CLIPS} clips of 5-30 s, 16 kHz FLAC and MP3 alternately, "
