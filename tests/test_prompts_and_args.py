@@ -215,3 +215,15 @@ def test_readme_graph_mode_flags_reach_the_engine(clips, home, vllm):
 
 def test_library_options_default_to_the_clis():
     assert tool.options_from_args(tool.build_parser().parse_args([])) == tool.Options()
+
+
+@pytest.mark.parametrize(
+    ("argv", "chunk"),
+    [
+        ([], 64),  # the tutorial's --max-num-seqs 5
+        (["--max-num-seqs", "64"], 128),  # the engine keeps a queue of its own
+        (["--max-num-seqs", "64", "--chunk-size", "8"], 8),  # a memory bound is kept
+    ],
+)
+def test_requests_in_flight_follow_what_the_engine_runs_at_once(argv, chunk):
+    assert tool.options_from_args(tool.build_parser().parse_args(argv)).chunk_size == chunk
