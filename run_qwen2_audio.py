@@ -950,29 +950,32 @@ def decode_to_16k_mono(handle: Any, name: str) -> Clip:
                     out.add(block)
                 return Clip(name, out.finish(), sound.samplerate, sound.channels)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
-        return decode_with_ffmpeg(handle, name, str(exc))
+        detail = str(exc).splitlines()[0] if str(exc) else "unknown format"
+        return decode_with_ffmpeg(handle, name, f"libsndfile: {detail}")
     # libsndfile (1.2.2) read block by block loses audio at every block
     # boundary of some MP3s (those libsndfile itself writes: 0.22 s of
     # silence after each 10 s block); FFmpeg streams them whole.
     return decode_with_ffmpeg(handle, name, "MP3, which libsndfile reads with gaps")
 
 
-def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
-    """What libsndfile cannot read (m4a, aac, wma, 5.1 and other layouts)
-    through PyAV: FFmpeg's libraries in a wheel, so no ffmpeg program is
-    needed in the image. PyAV rather than librosa.load: librosa imports
-    numba/llvmlite, which breaks vLLM's CPU kernel setup when imported
-    while the engine starts. Each decoded frame holds whole samples of every
-    channel, so any channel count downmixes correctly.
+def decode_with_ffmpeg(handle: Any, name: str, why: str) -> Clip:
+    """Through PyAV (FFmpeg's libraries in a wheel, so no ffmpeg program is
+    needed in the image): what libsndfile cannot read (m4a, aac, wma, 5.1
+    and other layouts), and MP3, which libsndfile reads with gaps. PyAV
+    rather than librosa.load: librosa imports numba/llvmlite, which breaks
+    vLLM's CPU kernel setup when imported while the engine starts. Each
+    decoded frame holds whole samples of every channel, so any channel count
+    downmixes correctly. A packet FFmpeg cannot decode (a damaged frame, a
+    download cut off mid-frame) is skipped, as libsndfile's MP3 decoder
+    skips it; the clip fails only if no audio decodes at all.
     """
-    detail = first_error.splitlines()[0] if first_error else "unknown format"
     fix = "convert it, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav"
     try:
         import av
     except ImportError:
         raise InputError(
-            f"audio {name}: libsndfile cannot decode it ({detail}) and PyAV is not "
-            f"installed for other formats: pip install -r requirements.txt, or {fix}",
+            f"audio {name}: needs PyAV to decode ({why}), which is not installed: "
+            f"pip install -r requirements.txt, or {fix}",
             kind="audio_decode_error",
         )
     try:
@@ -984,9 +987,13 @@ def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
             container = stack.enter_context(av.open(handle))
             stream = container.streams.audio[0]
             to_float = av.AudioResampler(format="fltp")  # same layout and rate
-            out, channels = None, 0
-            for frame in container.decode(stream):
-                for block in to_float.resample(frame):
+            out, channels, pending = None, 0, []
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    continue
+                for block in (b for frame in frames for b in to_float.resample(frame)):
                     samples = block.to_ndarray()  # (channels, frames), float32
                     if out is None:
                         channels = samples.shape[0]
@@ -996,13 +1003,19 @@ def decode_with_ffmpeg(handle: Any, name: str, first_error: str) -> Clip:
                     elif (block.sample_rate, samples.shape[0]) != (out.rate, channels):
                         # soxr would go on at the first rate: wrong-speed audio.
                         raise ValueError("the sample rate or channel count changes mid-stream")
-                    out.add(samples.T)
+                    pending.append(samples.T)
+                    # Frames are short (1,152 samples of MP3): resampled ~10 s at a time.
+                    if sum(len(x) for x in pending) >= 10 * out.rate:
+                        out.add(np.concatenate(pending))
+                        pending = []
             if out is None:
                 raise ValueError("no audio frames")
+            if pending:
+                out.add(np.concatenate(pending))
             return Clip(name, out.finish(), out.rate, channels)
-    except Exception:  # PyAV raises its own error per FFmpeg failure
+    except Exception as exc:  # PyAV raises its own error per FFmpeg failure
         raise InputError(
-            f"audio {name}: cannot decode it as audio ({detail}); {fix}",
+            f"audio {name}: cannot decode it as audio ({why}; FFmpeg: {summary_of(exc)}); {fix}",
             kind="audio_decode_error",
         )
 

@@ -63,3 +63,20 @@ def test_8_channel_96k_file_is_downmixed(tmp_path):
     soundfile.write(tmp_path / "x.wav", tone(1, 96000, channels=8), 96000)
     clip = tool.load_clip(str(tmp_path / "x.wav"), OPTIONS)
     assert clip.original_channels == 8 and len(clip.samples) == pytest.approx(16000, abs=2)
+
+
+def test_damaged_mp3_keeps_what_decodes(tmp_path):
+    """A download cut off mid-frame, or a burst of garbage, costs the frames
+    it hits, not the clip (libsndfile's MP3 decoder skipped them too)."""
+    path = tmp_path / "whole.mp3"
+    soundfile.write(path, tone(12, 16000, 440), 16000)
+    data = path.read_bytes()
+    middle = len(data) // 2
+    damaged = {
+        "cut.mp3": data[: len(data) - 300],
+        "garbled.mp3": data[:middle] + bytes(range(256)) * 2 + data[middle + 512 :],
+    }
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        clip = tool.load_clip(str(tmp_path / name), OPTIONS)
+        assert 10 < clip.seconds <= 12.1, name
