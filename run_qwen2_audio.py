@@ -987,7 +987,7 @@ def decode_with_ffmpeg(handle: Any, name: str, why: str) -> Clip:
             container = stack.enter_context(av.open(handle))
             stream = container.streams.audio[0]
             to_float = av.AudioResampler(format="fltp")  # same layout and rate
-            out, channels, pending = None, 0, []
+            out, channels, pending, held = None, 0, [], 0
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -1004,10 +1004,11 @@ def decode_with_ffmpeg(handle: Any, name: str, why: str) -> Clip:
                         # soxr would go on at the first rate: wrong-speed audio.
                         raise ValueError("the sample rate or channel count changes mid-stream")
                     pending.append(samples.T)
+                    held += samples.shape[1]
                     # Frames are short (1,152 samples of MP3): resampled ~10 s at a time.
-                    if sum(len(x) for x in pending) >= 10 * out.rate:
+                    if held >= 10 * out.rate:
                         out.add(np.concatenate(pending))
-                        pending = []
+                        pending, held = [], 0
             if out is None:
                 raise ValueError("no audio frames")
             if pending:
