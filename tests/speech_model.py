@@ -230,7 +230,9 @@ def is_complete(directory: Path, version: str) -> bool:
 
 def remove_other_versions(root: Path, version: str) -> None:
     """Builds of other versions of this file, unless one is in use (a build
-    or a copy holds its lock): a checkout of another version may still need it."""
+    or a copy holds its lock): a checkout of another version may still need it.
+    Lock files stay (empty): one unlinked while another process waits on it
+    would let a third create a new one and hold "the" lock beside it."""
     for lock_path in root.glob("speech-model-*.lock"):
         name = lock_path.name.removesuffix(".lock")
         if name == f"speech-model-{version}":
@@ -242,17 +244,21 @@ def remove_other_versions(root: Path, version: str) -> None:
                 continue
             for path in [root / name, *root.glob(f"{name}.tmp-*")]:
                 shutil.rmtree(path, ignore_errors=True)
-            lock_path.unlink(missing_ok=True)
 
 
 def install(directory: Path) -> Path:
     """Put the checkpoint into directory (a copy of the cached build)."""
     started = time.monotonic()
-    source = cached_build()
-    with open(source.parent / f"{source.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)  # no other version's build removes it meanwhile
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, directory, dirs_exist_ok=True)
+    while True:
+        source = cached_build()
+        with open(source.parent / f"{source.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # no other version's build removes it meanwhile
+            # Between the build's lock and this one, another version's build
+            # may have found it unused and removed it: then build it again.
+            if is_complete(source, source_hash()):
+                directory.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(source, directory, dirs_exist_ok=True)
+                break
     log(f"{directory}: checkpoint from {source} ({time.monotonic() - started:.1f} s)")
     return directory
 

@@ -47,19 +47,24 @@ pytestmark = pytest.mark.engine
 # measured figure and a bound above it (README, "How we know it hears"):
 # the model's own held-out WER (card.json) is 2.9%, 0.6% on one sentence.
 WAV_WER = 0.05
-FORMAT_POINTS = 0.02  # lossless formats: within 2 points of the 16 kHz WAV
-# Lossy ones: measured 3.7% (MP3) and 3.2% (Vorbis) against 0.5% on WAV: the
-# tiny model still hears some codec artefacts though it was trained on codec
-# round trips. A fixed bound: one word is 0.5 points here, and a relative one
-# would move with every near-tie on the WAV side.
-LOSSY_WER = 0.06
-LOSSY = ("mp3", "ogg-44k-stereo")
-# Segments of several utterances: measured 9.6% on 9 s segments of ~17 words
-# against 0.0% one by one (the model's, not the split's: transformers answers
-# the same on the same samples, and no cut falls inside an utterance).
-SEGMENT_WER = 0.15  # issue 20's bound for a recording split at 10 s
+FORMAT_POINTS = 0.02  # every format within 2 points of the 16 kHz WAV
+# Reported, not bounded: what the model never heard in training. Telephone
+# audio lacks what it heard above 4 kHz; espeak-ng speaks near full scale and
+# Whisper's log-mel features are not level-invariant, so the same WAV 3, 6
+# and 12 dB down loses words (the model's limit: the tool passes samples as
+# they are). A model trained at levels down to -30 dB was flat across them
+# but lost 5 points at full scale: the tiny model cannot hold both.
+REPORTED = ("wav-8k-telephone", "wav-3db-down", "wav-6db-down", "wav-12db-down")
 SEVERAL_CLIPS_WER = 0.30  # measured 23.6% (clips 2 and 3 lose their first word)
-SEGMENT_SECONDS = 10  # within the 11 s clips the model was trained on
+# Long audio split at 5 s (segments of one or two utterances; the most cuts):
+# the whole answer within 3 points of the same utterances one by one.
+SPLIT_SECONDS = 5
+SPLIT_POINTS = 0.03
+# Subtitles at 10 s, issue 20's bound there. Segments of ~4 utterances (~17
+# words), where the model itself drops or repeats words: measured 9.6% against
+# 0.0% one by one, and transformers answers the same on the same samples.
+SUBTITLE_SECONDS = 10  # within the 11 s clips the model was trained on
+SEGMENT_WER = 0.15
 OFFLINE = {**IN_PROCESS_ENGINE, "HF_HUB_OFFLINE": "1"}
 
 
@@ -114,11 +119,14 @@ def write_variants(folder: Path, utterance: hearing.Utterance) -> dict[str, Path
     wav = hearing.write_wav(folder / f"{utterance.id}.wav", utterance.samples)
     stereo44 = np.stack([utterance.samples] * 2, axis=1)
     stereo44 = soxr.resample(stereo44, hearing.RATE, 44100).astype(np.float32)
+    # Both channels the mono signal at its own level (ffmpeg's own upmix is
+    # 3 dB down: a level test, reported apart).
+    stereo = ("-ar", "44100", "-af", "pan=stereo|c0=c0|c1=c0")
     made = {
         "wav": wav,
-        "mp3": hearing.convert(wav, folder / f"{utterance.id}.mp3", "-ar", "44100", "-ac", "2"),
+        "mp3": hearing.convert(wav, folder / f"{utterance.id}.mp3", *stereo),
         "ogg-44k-stereo": hearing.convert(
-            wav, folder / f"{utterance.id}.ogg", "-ar", "44100", "-ac", "2", "-c:a", "libvorbis"
+            wav, folder / f"{utterance.id}.ogg", *stereo, "-c:a", "libvorbis"
         ),
         "flac-48k-24bit": folder / f"{utterance.id}.flac",
         "wav-44k-stereo-float": folder / f"{utterance.id}-float.wav",
@@ -129,6 +137,10 @@ def write_variants(folder: Path, utterance: hearing.Utterance) -> dict[str, Path
     soundfile.write(made["wav-44k-stereo-float"], stereo44, 44100, subtype="FLOAT")
     samples8 = soxr.resample(utterance.samples, hearing.RATE, 8000)
     soundfile.write(made["wav-8k-telephone"], samples8, 8000, subtype="PCM_16")
+    for down in (3, 6, 12):
+        made[f"wav-{down}db-down"] = hearing.write_wav(
+            folder / f"{utterance.id}-{down}db.wav", utterance.samples * 10 ** (-down / 20)
+        )
     return made
 
 
@@ -152,7 +164,7 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
         for name in formats:
             for u in heldout:
                 line = {"id": f"{name}/{u.id}", "audio": str(variants[u.id][name])}
-                if name != "wav-8k-telephone":  # reported, not bounded (see below)
+                if name not in REPORTED:  # outside the tool's corpus WER
                     line["reference"] = u.text
                 lines.append(line)
         lines += [
@@ -183,10 +195,9 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
     rates = {name: plain_wer(heldout, answers, f"{name}/") for name in [*formats, "http"]}
     print(f"{vllm}: WER by format " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     assert rates["wav"] <= WAV_WER, rates
-    bounded = [name for name in rates if name != "wav-8k-telephone"]
-    for name in bounded:
-        bound = LOSSY_WER if name in LOSSY else rates["wav"] + FORMAT_POINTS
-        assert rates[name] <= bound, (name, rates)
+    for name in rates:
+        if name not in REPORTED:
+            assert rates[name] <= rates["wav"] + FORMAT_POINTS, (name, rates)
 
     # The tool's own corpus WER: the same number jiwer gives over its records
     # (Whisper's English normalisation, as the tool documents), and low.
@@ -292,6 +303,17 @@ def cut_inside_an_utterance(recording: hearing.Recording, times: list[float]) ->
     return [t for t in times for s in recording.spans if s.start + 0.02 < t < s.end - 0.02]
 
 
+def cut_in_a_word(samples: np.ndarray, times: list[float]) -> list[float]:
+    """Cuts with sound within 10 ms of them (espeak-ng's silence is below
+    1e-3: hearing.speak trims at that level)."""
+    reach = hearing.RATE // 100
+    return [
+        t
+        for t in times
+        if np.abs(samples[max(0, round(t * hearing.RATE) - reach) :][: 2 * reach]).max() >= 1e-3
+    ]
+
+
 def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
     speech_model, long_recording, tmp_path, home
 ):
@@ -316,7 +338,7 @@ def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
         "--long-audio",
         "split",
         "--segment-seconds",
-        str(SEGMENT_SECONDS),
+        str(SPLIT_SECONDS),
         python=vllm_python("vllm-0.32"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -325,35 +347,38 @@ def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
     whole = hearing.word_error_rate([" ".join(recording.words)], [answers["talk"]])
     talk = next(r for r in read_jsonl(out) if r["id"] == "talk")
     segments = talk["segments"]
-    cuts = [s["start"] for s in segments[1:]] + [s["end"] for s in segments[:-1]]
-    per_segment = hearing.word_error_rate(
-        [" ".join(hearing.words_between(recording.spans, s["start"], s["end"])) for s in segments],
-        [s["answers"][0] for s in segments],
-    )
+    cuts = [s["start"] for s in segments[1:]]
+    samples = soundfile.read(path, dtype="float32")[0]  # the 16-bit file, as the tool read it
     print(
-        f"{len(recording.samples) / hearing.RATE:.0f} s in {len(segments)} segments: WER whole "
-        f"{whole:.1%}, per segment {per_segment:.1%}, one by one {one_by_one:.1%}"
+        f"{len(samples) / hearing.RATE:.0f} s in {len(segments)} segments of <= {SPLIT_SECONDS} s: "
+        f"WER whole {whole:.1%}, one by one {one_by_one:.1%}; "
+        f"{len(cut_inside_an_utterance(recording, cuts))} of {len(cuts)} cuts between two words "
+        "of an utterance, the others between utterances"
     )
-    assert all(s["end"] - s["start"] <= SEGMENT_SECONDS + 1e-3 for s in segments)
+    assert all(s["end"] - s["start"] <= SPLIT_SECONDS + 1e-3 for s in segments)
     # One after another from the first sample to the last: no audio left out.
     assert segments[0]["start"] == 0
-    assert segments[-1]["end"] == pytest.approx(len(recording.samples) / hearing.RATE, abs=1e-3)
+    assert segments[-1]["end"] == pytest.approx(len(samples) / hearing.RATE, abs=1e-3)
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:], strict=False))
-    assert not cut_inside_an_utterance(recording, cuts), "a cut inside an utterance"
+    # Segments this short cannot always end between utterances (a window of
+    # 1.7 s can lie inside one), but every cut falls in silence: no word cut.
+    assert not cut_in_a_word(samples, cuts)
     # Each segment answered from exactly its own samples: transformers, given
     # the same samples and prompt, says the same (an offset, a lost or doubled
     # piece of audio, another segment's answer would differ).
     differences = greedy_in_transformers(
         speech_model,
         talk["prompt"],
-        soundfile.read(path, dtype="float32")[0],  # the 16-bit file, as the tool read it
+        samples,
         [(s["start"], s["end"]) for s in segments],
         [s["answers"][0] for s in segments],
     )
     print(f"tokens transformers would have chosen otherwise: {differences}")
     assert all(margin <= NEAR_TIE for *_, margin in differences), differences
-    assert whole <= SEGMENT_WER
-    assert per_segment <= SEGMENT_WER
+    # No word lost or doubled at any cut: the whole answer scores as the
+    # utterances one by one do (issue 20: within 3 points).
+    assert one_by_one <= WAV_WER
+    assert whole <= one_by_one + SPLIT_POINTS
 
 
 def test_subtitle_cues_hold_the_words_spoken_between_their_times(
@@ -371,7 +396,7 @@ def test_subtitle_cues_hold_the_words_spoken_between_their_times(
         "--output-format",
         "srt",
         "--segment-seconds",
-        str(SEGMENT_SECONDS),
+        str(SUBTITLE_SECONDS),
         python=vllm_python("vllm-0.23"),  # the image's vLLM
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -384,7 +409,7 @@ def test_subtitle_cues_hold_the_words_spoken_between_their_times(
         [" ".join(recording.words)], [" ".join(c.content for c in cues)]
     )
     print(f"{len(cues)} cues: WER of cues against the words between their times {rate:.1%}")
-    assert len(cues) >= 180 // SEGMENT_SECONDS
+    assert len(cues) >= 180 // SUBTITLE_SECONDS
     assert not cut_inside_an_utterance(recording, [t for pair in times[1:] for t in pair])
     prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
     samples = soundfile.read(path, dtype="float32")[0]
