@@ -198,17 +198,21 @@ def source_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
+# The version of the code this process runs: read once, so that an edit of the
+# file during a 20-minute build cannot label the build with the new version.
+VERSION = source_hash()
+
+
 def cached_build() -> Path:
     """The cached checkpoint of this builder's version, built first if missing."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    version = source_hash()
-    final = root / f"speech-model-{version}"
+    final = root / f"speech-model-{VERSION}"
     with open(root / f"{final.name}.lock", "w") as lock:
         # One build at a time: a second caller (a parallel test worker) waits
         # here, then finds the finished build instead of starting its own.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_complete(final, version):
+        if is_complete(final):
             return final
         for leftover in root.glob(f"{final.name}.tmp-*"):  # from a killed build
             shutil.rmtree(leftover, ignore_errors=True)
@@ -219,13 +223,12 @@ def cached_build() -> Path:
             staging.rename(final)  # atomic: readers see all of it or nothing
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    remove_other_versions(root, version)
     return final
 
 
-def is_complete(directory: Path, version: str) -> bool:
+def is_complete(directory: Path) -> bool:
     card = directory / "card.json"
-    return card.is_file() and json.loads(card.read_text()).get("builder_hash") == version
+    return card.is_file() and json.loads(card.read_text()).get("builder_hash") == VERSION
 
 
 def remove_other_versions(root: Path, version: str) -> None:
@@ -247,18 +250,22 @@ def remove_other_versions(root: Path, version: str) -> None:
 
 
 def install(directory: Path) -> Path:
-    """Put the checkpoint into directory (a copy of the cached build)."""
+    """Put the checkpoint into directory (a copy of the cached build), then
+    remove other versions' builds nobody uses."""
     started = time.monotonic()
-    while True:
+    for _ in range(3):
         source = cached_build()
         with open(source.parent / f"{source.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH)  # no other version's build removes it meanwhile
-            # Between the build's lock and this one, another version's build
-            # may have found it unused and removed it: then build it again.
-            if is_complete(source, source_hash()):
+            # Between the build's lock and this one, another version's
+            # cleanup may have found it unused and removed it: build again.
+            if is_complete(source):
                 directory.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(source, directory, dirs_exist_ok=True)
                 break
+    else:
+        raise RuntimeError(f"{source}: removed three times before it could be copied")
+    remove_other_versions(source.parent, VERSION)
     log(f"{directory}: checkpoint from {source} ({time.monotonic() - started:.1f} s)")
     return directory
 
@@ -908,7 +915,7 @@ def model_card(
 ) -> dict[str, Any]:
     return {
         "what": "tiny Qwen2-Audio trained on espeak-ng speech by tests/speech_model.py",
-        "builder_hash": source_hash(),
+        "builder_hash": VERSION,
         "words": list(WORDS),
         "speech": {
             "engine": "espeak-ng, each sentence its own call, resampled to 16 kHz with soxr",
@@ -970,6 +977,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: speech_model.py DIR (or --cached: build into the cache only)")
     if sys.argv[1] == "--cached":
-        log(f"checkpoint in {cached_build()}")
+        built = cached_build()
+        remove_other_versions(built.parent, VERSION)
+        log(f"checkpoint in {built}")
     else:
         install(Path(sys.argv[1]))

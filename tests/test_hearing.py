@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import random
 import signal
 from functools import partial
 from pathlib import Path
@@ -52,8 +53,8 @@ FORMAT_POINTS = 0.02  # every format within 2 points of the 16 kHz WAV
 # audio lacks what it heard above 4 kHz; espeak-ng speaks near full scale and
 # Whisper's log-mel features are not level-invariant, so the same WAV 3, 6
 # and 12 dB down loses words (the model's limit: the tool passes samples as
-# they are). A model trained at levels down to -30 dB was flat across them
-# but lost 5 points at full scale: the tiny model cannot hold both.
+# they are). A trial build trained at levels down to -30 dB was flat across
+# them but lost 5 points at full scale: the tiny model cannot hold both.
 REPORTED = ("wav-8k-telephone", "wav-3db-down", "wav-6db-down", "wav-12db-down")
 SEVERAL_CLIPS_WER = 0.30  # measured 23.6% (clips 2 and 3 lose their first word)
 # Long audio split at 5 s (segments of one or two utterances; the most cuts):
@@ -61,8 +62,10 @@ SEVERAL_CLIPS_WER = 0.30  # measured 23.6% (clips 2 and 3 lose their first word)
 SPLIT_SECONDS = 5
 SPLIT_POINTS = 0.03
 # Subtitles at 10 s, issue 20's bound there. Segments of ~4 utterances (~17
-# words), where the model itself drops or repeats words: measured 9.6% against
-# 0.0% one by one, and transformers answers the same on the same samples.
+# words), where the model itself drops or repeats words: measured 9.6% on the
+# long recording against 0.0% one by one, 9.7% over the cues of it and eight
+# ~60 s recordings, whose whole answers score 8.0-15.6% (reported: one is
+# above 15%); transformers answers the same on the same samples.
 SUBTITLE_SECONDS = 10  # within the 11 s clips the model was trained on
 SEGMENT_WER = 0.15
 OFFLINE = {**IN_PROCESS_ENGINE, "HF_HUB_OFFLINE": "1"}
@@ -259,8 +262,9 @@ def long_recording(speech_model: Path, tmp_path_factory) -> tuple[Path, hearing.
 
 # vLLM's and transformers' float32 kernels differ in the last bits; on this
 # trained model's answers of ~17 words the two best tokens are sometimes this
-# close, and greedy decoding then goes either way (measured: 3 of 23 segments,
-# margins 0.01-0.12, the same on vLLM 0.23 and 0.32). Segments moved by 0.3 s
+# close, and greedy decoding then goes either way (measured: 3 of 23 segments
+# of 10 s, margins 0.01-0.12, the same on vLLM 0.23 and 0.32; none of 45 of
+# 5 s, whose answers are shorter). Segments moved by 0.3 s
 # gave margins up to 1.1, by 1 s up to 15 (40 ms: 0.05, not detectable).
 NEAR_TIE = 0.25
 
@@ -299,19 +303,25 @@ def greedy_in_transformers(model: Path, prompt: str, samples: np.ndarray, times,
     return differences
 
 
-def cut_inside_an_utterance(recording: hearing.Recording, times: list[float]) -> list[float]:
-    return [t for t in times for s in recording.spans if s.start + 0.02 < t < s.end - 0.02]
-
-
-def cut_in_a_word(samples: np.ndarray, times: list[float]) -> list[float]:
-    """Cuts with sound within 10 ms of them (espeak-ng's silence is below
-    1e-3: hearing.speak trims at that level)."""
-    reach = hearing.RATE // 100
-    return [
-        t
-        for t in times
-        if np.abs(samples[max(0, round(t * hearing.RATE) - reach) :][: 2 * reach]).max() >= 1e-3
-    ]
+def cuts_in_an_utterance_beside_a_pause(
+    recording: hearing.Recording, starts: list[float], limit: float
+) -> tuple[list[float], int]:
+    """The splitter's promise, checked against the spoken spans: the segment
+    that starts at starts[k] ends (starts[k + 1]) in the pause between two
+    utterances whenever one (>= 0.2 s: longer than espeak-ng's pauses between
+    words) lies in the window it searches, the last third of the segment
+    (run_qwen2_audio.split_points). Returns the cuts that broke it, and how
+    many cuts had no such pause within reach (those fall between two words)."""
+    gaps = [(a.end, b.start) for a, b in zip(recording.spans, recording.spans[1:], strict=False)]
+    broken, out_of_reach = [], 0
+    for begin, cut in zip(starts, starts[1:], strict=False):
+        high = begin + limit
+        low = high - min(tool.SPLIT_SEARCH_SECONDS, limit / 3)
+        if not any(min(b, high) - max(a, low) >= 0.2 for a, b in gaps):
+            out_of_reach += 1
+        elif any(s.start + 0.02 < cut < s.end - 0.02 for s in recording.spans):
+            broken.append(cut)
+    return broken, out_of_reach
 
 
 def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
@@ -347,22 +357,23 @@ def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
     whole = hearing.word_error_rate([" ".join(recording.words)], [answers["talk"]])
     talk = next(r for r in read_jsonl(out) if r["id"] == "talk")
     segments = talk["segments"]
-    cuts = [s["start"] for s in segments[1:]]
+    starts = [s["start"] for s in segments]
     samples = soundfile.read(path, dtype="float32")[0]  # the 16-bit file, as the tool read it
+    broken, between_words = cuts_in_an_utterance_beside_a_pause(recording, starts, SPLIT_SECONDS)
     print(
         f"{len(samples) / hearing.RATE:.0f} s in {len(segments)} segments of <= {SPLIT_SECONDS} s: "
-        f"WER whole {whole:.1%}, one by one {one_by_one:.1%}; "
-        f"{len(cut_inside_an_utterance(recording, cuts))} of {len(cuts)} cuts between two words "
-        "of an utterance, the others between utterances"
+        f"WER whole {whole:.1%}, one by one {one_by_one:.1%}; {between_words} of "
+        f"{len(segments) - 1} cuts had no pause between utterances within reach"
     )
-    assert all(s["end"] - s["start"] <= SPLIT_SECONDS + 1e-3 for s in segments)
+    assert all(0 < s["end"] - s["start"] <= SPLIT_SECONDS + 1e-3 for s in segments)
     # One after another from the first sample to the last: no audio left out.
     assert segments[0]["start"] == 0
     assert segments[-1]["end"] == pytest.approx(len(samples) / hearing.RATE, abs=1e-3)
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:], strict=False))
-    # Segments this short cannot always end between utterances (a window of
-    # 1.7 s can lie inside one), but every cut falls in silence: no word cut.
-    assert not cut_in_a_word(samples, cuts)
+    # Segments this short cannot always end between utterances (the 1.7 s
+    # the splitter searches can lie inside one); where a pause between two
+    # utterances was within reach, the cut is in it.
+    assert not broken, broken
     # Each segment answered from exactly its own samples: transformers, given
     # the same samples and prompt, says the same (an offset, a lost or doubled
     # piece of audio, another segment's answer would differ).
@@ -375,22 +386,43 @@ def test_long_audio_split_at_pauses_loses_and_doubles_no_word(
     )
     print(f"tokens transformers would have chosen otherwise: {differences}")
     assert all(margin <= NEAR_TIE for *_, margin in differences), differences
-    # No word lost or doubled at any cut: the whole answer scores as the
-    # utterances one by one do (issue 20: within 3 points).
+    # The whole answer scores as the utterances one by one do, within 3 points
+    # (issue 20): about 10 of ~360 words, so a word lost or doubled at every
+    # fourth of the 44 cuts would fail it.
     assert one_by_one <= WAV_WER
     assert whole <= one_by_one + SPLIT_POINTS
 
 
+@pytest.fixture(scope="module")
+def recordings_to_subtitle(
+    long_recording, speech_model: Path, tmp_path_factory
+) -> tuple[Path, dict[str, hearing.Recording]]:
+    """A folder of recordings, by file name: the long one, and issue 20's
+    check eight times over (~60 s of 25 utterances, its own seed each)."""
+    path, recording, _ = long_recording
+    folder = tmp_path_factory.mktemp("to-subtitle")
+    made = {"talk.wav": recording}
+    hearing.write_wav(folder / "talk.wav", recording.samples)
+    for seed in range(7100, 7108):
+        parts = hearing.utterances(
+            hearing.vocabulary(speech_model), 25, seed=seed, prefix=f"m{seed}-"
+        )
+        lead = random.Random(seed).uniform(0.1, 1.5)
+        made[f"minute-{seed}.wav"] = hearing.recording(parts, seed=seed, lead=lead)
+        hearing.write_wav(folder / f"minute-{seed}.wav", made[f"minute-{seed}.wav"].samples)
+    return folder, made
+
+
 def test_subtitle_cues_hold_the_words_spoken_between_their_times(
-    speech_model, long_recording, tmp_path, home
+    speech_model, recordings_to_subtitle, tmp_path, home
 ):
-    path, recording, parts = long_recording
+    folder, recordings = recordings_to_subtitle
     directory = tmp_path / "subtitles"
     result = run_speech_model(
         speech_model,
         home,
         "--audio-dir",
-        path.parent,
+        folder,
         "--output-dir",
         directory,
         "--output-format",
@@ -400,25 +432,38 @@ def test_subtitle_cues_hold_the_words_spoken_between_their_times(
         python=vllm_python("vllm-0.23"),  # the image's vLLM
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    [subtitles] = directory.glob("*.srt")  # the recording's, named after its id
-    cues = list(srt.parse(subtitles.read_text()))
-    times = [(c.start.total_seconds(), c.end.total_seconds()) for c in cues]
-    spoken = [" ".join(hearing.words_between(recording.spans, a, b)) for a, b in times]
-    rate = hearing.word_error_rate(spoken, [c.content for c in cues])
-    whole = hearing.word_error_rate(
-        [" ".join(recording.words)], [" ".join(c.content for c in cues)]
-    )
-    print(f"{len(cues)} cues: WER of cues against the words between their times {rate:.1%}")
-    assert len(cues) >= 180 // SUBTITLE_SECONDS
-    assert not cut_inside_an_utterance(recording, [t for pair in times[1:] for t in pair])
     prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
-    samples = soundfile.read(path, dtype="float32")[0]
-    differences = greedy_in_transformers(
-        speech_model, prompt, samples, times, [c.content for c in cues]
+    spoken_all, cues_all, wholes = [], [], {}
+    for name, recording in recordings.items():
+        cues = list(srt.parse((directory / f"{name}.srt").read_text()))  # named after its id
+        times = [(c.start.total_seconds(), c.end.total_seconds()) for c in cues]
+        spoken = [" ".join(hearing.words_between(recording.spans, a, b)) for a, b in times]
+        spoken_all += spoken
+        cues_all += [c.content for c in cues]
+        wholes[name] = hearing.word_error_rate(
+            [" ".join(recording.words)], [" ".join(c.content for c in cues)]
+        )
+        seconds = len(recording.samples) / hearing.RATE
+        assert len(cues) >= seconds // SUBTITLE_SECONDS, name
+        broken, _ = cuts_in_an_utterance_beside_a_pause(
+            recording, [a for a, _ in times], SUBTITLE_SECONDS
+        )
+        assert not broken, (name, broken)
+        differences = greedy_in_transformers(
+            speech_model,
+            prompt,
+            soundfile.read(folder / name, dtype="float32")[0],
+            times,
+            [c.content for c in cues],
+        )
+        assert all(margin <= NEAR_TIE for *_, margin in differences), (name, differences)
+    rate = hearing.word_error_rate(spoken_all, cues_all)
+    print(
+        f"{len(cues_all)} cues: WER against the words between their times {rate:.1%}; "
+        "whole recordings: " + ", ".join(f"{k} {v:.1%}" for k, v in wholes.items())
     )
-    assert all(margin <= NEAR_TIE for *_, margin in differences), differences
     assert rate <= SEGMENT_WER
-    assert whole <= SEGMENT_WER
+    assert wholes["talk.wav"] <= SEGMENT_WER
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def cache(tmp_path, monkeypatch, builds) -> Path:
 
     def fake_build(directory: Path) -> Path:
         builds.append(directory)
-        card = {"builder_hash": speech_model.source_hash()}
+        card = {"builder_hash": speech_model.VERSION}
         (directory / "card.json").write_text(json.dumps(card))
         return directory
 
@@ -43,10 +43,10 @@ def other_version(root: Path, name: str = "speech-model-000000000000") -> Path:
     return build
 
 
-def test_a_build_removes_unused_other_versions_and_keeps_every_lock_file(cache):
+def test_an_install_removes_unused_other_versions_and_keeps_every_lock_file(cache, tmp_path):
     old = other_version(cache)
-    built = speech_model.cached_build()
-    assert (built / "card.json").is_file()
+    copy = speech_model.install(tmp_path / "copy")
+    assert (copy / "card.json").is_file()
     assert not old.exists()
     # Unlinking a lock another process waits on would let a third make a new
     # one and hold "the same" lock beside it.
@@ -57,7 +57,7 @@ def test_a_version_in_use_by_another_checkout_is_kept(cache):
     old = other_version(cache)
     with open(cache / f"{old.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)  # another checkout copying it
-        speech_model.cached_build()
+        speech_model.install(cache.parent / "copy")
     assert (old / "card.json").is_file()
 
 
@@ -79,6 +79,20 @@ def test_install_builds_again_when_the_build_vanished_before_its_copy(
     monkeypatch.setattr(speech_model, "cached_build", cached_build_then_removed)
     target = speech_model.install(tmp_path / "copy")
     assert len(calls) == 2 and len(builds) == 2
-    assert json.loads((target / "card.json").read_text())["builder_hash"] == (
-        speech_model.source_hash()
-    )
+    assert json.loads((target / "card.json").read_text())["builder_hash"] == speech_model.VERSION
+
+
+def test_install_gives_up_with_a_message_when_the_build_keeps_vanishing(
+    cache, builds, tmp_path, monkeypatch
+):
+    real_cached_build = speech_model.cached_build
+
+    def always_removed() -> Path:
+        built = real_cached_build()
+        (built / "card.json").unlink()
+        return built
+
+    monkeypatch.setattr(speech_model, "cached_build", always_removed)
+    with pytest.raises(RuntimeError, match="removed three times"):
+        speech_model.install(tmp_path / "copy")
+    assert len(builds) == 3
