@@ -311,7 +311,8 @@ def cuts_in_an_utterance_beside_a_pause(
     utterances whenever one (>= 0.2 s: longer than espeak-ng's pauses between
     words) lies in the window it searches, the last third of the segment
     (run_qwen2_audio.split_points). Returns the cuts that broke it, and how
-    many cuts had no such pause within reach (those fall between two words)."""
+    many cuts had no such pause within reach (such a cut may fall inside an
+    utterance, in the longest pause between its words)."""
     gaps = [(a.end, b.start) for a, b in zip(recording.spans, recording.spans[1:], strict=False)]
     broken, out_of_reach = [], 0
     for begin, cut in zip(starts, starts[1:], strict=False):
