@@ -6,13 +6,13 @@ on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
     $PY bench/bench.py run-batch       # only vLLM's batch runner vs this tool
 
 Sections: run-batch, check, speech, engine, stages, rss, decode. Prints
-tables; BENCHMARKS.md records the numbers with machine and date.
+tables; docs/benchmarks.md records the numbers with machine and date.
 `run-batch` runs vLLM's batch runner and this tool as whole processes, an
 untimed round first, then BENCH_ROUNDS (4) rounds in alternating order, on
 256 and 2,000 clips of 5 s and on compressed 5-30 s clips: medians, spreads,
 every run, and requests/s between the engine being up and the batch done
 (from each one's own log). `check` does it again on clips of its own and
-says whether the speed-up lands in the spread BENCHMARKS.md records.
+says whether the speed-up lands in the spread docs/benchmarks.md records.
 `speech` runs both on held-out speech for the speech-trained model
 (tests/speech_model.py; built and cached on first use), answers of their own
 length, and scores both. Run on a quiet machine: a test suite beside it
@@ -127,7 +127,7 @@ def transformers_loop(model: Path, clips: list[Path]) -> float:
 
 
 RUN_BATCH_CLIPS, STEADY_CLIPS, COMPRESSED_CLIPS = 256, 2000, 128
-# The median speed-up at 256 x 5 s that BENCHMARKS.md records (2026-11-30);
+# The median speed-up at 256 x 5 s that docs/benchmarks.md records (2026-11-30);
 # `check` reruns the comparison on clips of its own and says whether that
 # figure lies within the rerun's spread (its rounds' lowest to highest).
 RECORDED_RUN_BATCH_SPEEDUP = 1.09
@@ -554,7 +554,7 @@ def main(sections: list[str]) -> None:
         low, high = min(ratios), max(ratios)
         agrees = low <= RECORDED_RUN_BATCH_SPEEDUP <= high
         print(
-            f"- recorded in BENCHMARKS.md: {RECORDED_RUN_BATCH_SPEEDUP:.2f}x at "
+            f"- recorded in docs/benchmarks.md: {RECORDED_RUN_BATCH_SPEEDUP:.2f}x at "
             f"{RUN_BATCH_CLIPS} x {CLIP_SECONDS} s; this check: median "
             f"{statistics.median(ratios):.2f}x, rounds {low:.2f}-{high:.2f}x: "
             + ("agrees (the recorded figure is within this spread)" if agrees else "DOES NOT AGREE")
