@@ -14,19 +14,23 @@ Everything else is flags:
     python run_qwen2_audio.py --audio-dir talks/ --output-format srt --output-dir subs/
 
 Every vLLM engine flag (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
-``--dtype`` ...) works under its usual name. The pipeline below reads top to
-bottom: environment defaults -> arguments -> inputs -> prompts -> engine ->
-results -> report.
+``--dtype`` ...) works under its usual name. The sections follow the
+pipeline (environment defaults -> arguments -> inputs -> prompts -> engine ->
+results -> writers -> report), and the command line that drives them, run()
+and main(), comes last. A function may use helpers and constants defined
+further down (log, expand_path, OUTPUT_FORMATS ...).
 
-Exit codes: 0 all requests answered; 1 a batch finished but some requests
-failed (see their error records); 2 bad input or configuration, vLLM not
-importable included (one line on stderr says which input and how to fix it);
-70 the run crashed (the engine died, or a defect of this tool: one line names
-it, results before it are intact and resumable, --debug shows the traceback);
-74 the output could not be written (disk full: results before it are intact,
-resumable); 130/143 interrupted by SIGINT/SIGTERM (resumable). A signal that
-arrives after every result is written (while vLLM shuts down) is noted and
-does not change the exit code.
+Exit codes: 0 all requests answered; 1 the run finished but some requests, or
+segments of a split one, failed (see their error records); 2 bad input or
+configuration, vLLM not importable or the model not reachable included, and
+--dry-run with a request that cannot run (one line on stderr names what failed
+and, where there is one, the fix); 70 the run crashed (the engine died, or a
+defect of this tool: one line names it, results before it are intact and
+resumable, --debug shows the traceback); 74 the output could not be written
+(disk full: results before it are intact, resumable); 130/143 interrupted by
+SIGINT/SIGTERM (resumable). A signal that arrives after every result is
+written (while vLLM shuts down) is noted and does not change the exit code; a
+second one exits at once with 130/143.
 """
 
 from __future__ import annotations
@@ -77,9 +81,8 @@ import numpy as np
 # Set before vLLM/torch are imported (they read these once, at import time).
 # A value the user exported always wins.
 ENVIRONMENT_DEFAULTS = {
-    # vllm-ascend >= 0.14 sets this itself; it fixed memory growth with
-    # multimodal inputs. The tutorial's older alternative is
-    # PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256 (see README).
+    # Keeps NPU memory from growing with multimodal inputs (what vllm-ascend
+    # >= 0.14 sets itself).
     "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
     # vLLM logs to stdout by default; stdout is reserved for answers so that
     # `python run_qwen2_audio.py > answer.txt` captures only the answer.
@@ -111,7 +114,7 @@ def choose_model_hub(model: str, env: dict[str, str]) -> None:
         env["VLLM_USE_MODELSCOPE"] = "True" if installed and not local else "False"
     elif uses_modelscope(env) and not installed:
         if not local:
-            raise InputError(
+            raise ExplainedError(
                 f"--model {model}: VLLM_USE_MODELSCOPE=True but the modelscope package is "
                 "not installed; pip install modelscope, or export VLLM_USE_MODELSCOPE=False "
                 "for the Hugging Face hub, or pass --model DIR"
@@ -158,10 +161,9 @@ TUTORIAL_QUESTIONS = {
 DEFAULT_QUESTION = "What is said in the audio?"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Engine defaults: the tutorial's limits (safe on one 64 GB NPU, and 32 GB:
-# see README), and the memory fraction vllm-ascend's own CI uses for this
-# model: at vLLM's 0.9x the engine core dies (vllm-ascend issue #4107, fixed
-# in its CI config by PR #4017). A value the user gives always wins.
+# Engine defaults: the tutorial's limits, and the memory fraction vllm-ascend's
+# own CI runs this model at (at vLLM's default the engine core dies; see
+# docs/design-notes.md). A value the user gives always wins.
 ENGINE_DEFAULTS = {
     "model": DEFAULT_MODEL,
     "max_model_len": 4096,
@@ -195,10 +197,14 @@ EXIT_CRASHED = 70  # EX_SOFTWARE from sysexits.h: the run did not finish
 EXIT_OUTPUT_FAILED = 74  # EX_IOERR from sysexits.h
 
 
-class InputError(Exception):
-    """A problem with what the user gave us; the message names input and fix.
-    kind is the error record's type ("input_error", "audio_decode_error",
-    "engine_rejected", "internal_error" ...)."""
+class ExplainedError(Exception):
+    """A failure this tool explains in one line: the message names what failed
+    and, where there is one, the fix; kind is the error record's type. Not only
+    bad input (input_error, audio_decode_error): also environment_error (vLLM
+    not importable), model_unavailable, asset_unavailable, engine_rejected,
+    engine_error, and internal_error (a defect of ours, caught for one
+    request). For one request it becomes that request's error record; raised
+    up to main(), it ends the run with exit 2."""
 
     def __init__(self, message: str, kind: str = "input_error") -> None:
         super().__init__(message)
@@ -262,9 +268,10 @@ class StopSignals:
 STOP_SIGNALS = StopSignals()
 
 
-def printable(text: str) -> str:
+def escape_undecodable(text: str) -> str:
     """text that can be written as UTF-8: a file name's undecodable bytes
-    (which Python keeps as lone surrogates) become a visible \\xNN."""
+    (which Python keeps as lone surrogates) become a visible \\xNN; newlines
+    and other control characters are kept (see escape_controls)."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that is not an escaped byte
@@ -272,16 +279,17 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def one_line(text: str) -> str:
-    """text for a one-line message: control characters (a newline in an id)
-    shown escaped, so that every error stays one line."""
+def escape_controls(text: str) -> str:
+    """text for a one-line message: control and other unprintable characters
+    (a newline in an id) shown escaped, so that every error stays one line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def summary_of(exc: BaseException) -> str:
     """An exception as one short line: its type and its message's first line."""
     lines = str(exc).strip().splitlines()
-    return one_line(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:300]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return escape_controls(text)[:300]
 
 
 # --------------------------------------------------------------------------
@@ -296,14 +304,14 @@ ENGINE_FIX = (
 
 
 def import_engine_module(name: str) -> Any:
-    """import vllm (or a hub client vLLM brings), or an InputError naming
+    """import vllm (or a hub client vLLM brings), or an ExplainedError naming
     what failed and how to fix it: a missing package, a CANN library that
     cannot be loaded, a torch-npu mismatch all end as one line, not a
     traceback."""
     try:
         return importlib.import_module(name)
     except Exception as exc:  # ImportError, or OSError/RuntimeError from a native library
-        raise InputError(
+        raise ExplainedError(
             f"cannot import {name} ({summary_of(exc)}); {ENGINE_FIX}", kind="environment_error"
         )
 
@@ -473,7 +481,7 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def print_help_without_engine(problem: InputError) -> None:
+def print_help_without_engine(problem: ExplainedError) -> None:
     """--help where vLLM cannot be imported: our flags, and why vLLM's are missing."""
     parser = build_parser(engine=False)
     parser.epilog = (
@@ -504,7 +512,7 @@ class Options:
 
     def __post_init__(self) -> None:
         if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
-            raise InputError(
+            raise ExplainedError(
                 f"--segment-seconds {self.segment_seconds}: must be between "
                 f"{2 * MIN_SEGMENT_SECONDS:g} and {MAX_CLIP_SECONDS:g} (the model hears at "
                 f"most 30 s per clip, and no segment is cut shorter than "
@@ -534,10 +542,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 def default_chunk_size(max_num_seqs: int | None) -> int:
     """Twice what the engine runs at once: the engine then holds a queue of
-    its own and starts the next request the moment one finishes. With only
-    as many as it runs, every finished wave left it waiting while the next
-    requests were added: 2,000 clips at --max-num-seqs 64 went from 25.7 to
-    28.9 requests/s at 128."""
+    its own and starts the next request the moment one finishes, instead of
+    idling while the next wave is added."""
     return max(64, 2 * (max_num_seqs or 0))
 
 
@@ -556,7 +562,7 @@ class AudioRequest:
     system_prompt: str | None = None
     reference: str | None = None  # the expected answer: the record gets WER/CER
     language: str = "en"  # the reference's language: how it is normalised and scored
-    error: InputError | None = None  # a manifest line that could not be read
+    error: ExplainedError | None = None  # a manifest line that could not be read
 
 
 MANIFEST_KEYS = {"id", "audio", "question", "system_prompt", "reference", "language"}
@@ -567,36 +573,36 @@ def parse_manifest_line(line: str, lineno: int, base_dir: Path) -> AudioRequest:
 
     A line with a usable "id" is a request under that id, carrying an error
     if the rest of the line is wrong, so that results join back to the
-    manifest by id. A line without one raises InputError naming the line.
+    manifest by id. A line without one raises ExplainedError naming the line.
     """
     where = f"manifest line {lineno}"
     try:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not valid JSON ({exc.msg}); fix or remove it")
+        raise ExplainedError(f"{where}: not valid JSON ({exc.msg}); fix or remove it")
     except RecursionError:
-        raise InputError(f"{where}: JSON nested too deeply to read; fix or remove it")
+        raise ExplainedError(f"{where}: JSON nested too deeply to read; fix or remove it")
     if not isinstance(item, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        raise ExplainedError(f"{where}: expected a JSON object, got {type(item).__name__}")
     request_id = item.get("id")
     if isinstance(request_id, int) and not isinstance(request_id, bool):
         request_id = str(request_id)
     if not isinstance(request_id, str) or not request_id.strip():
-        raise InputError(f'{where}: "id" must be a non-empty string')
-    request_id = printable(request_id)
-    where = f"{where} (id {one_line(request_id)})"
+        raise ExplainedError(f'{where}: "id" must be a non-empty string')
+    request_id = escape_undecodable(request_id)
+    where = f"{where} (id {escape_controls(request_id)})"
     try:
         return manifest_request(item, request_id, where, base_dir)
-    except InputError as exc:
+    except ExplainedError as exc:
         return AudioRequest(id=request_id, audio=[], error=exc)
     except Exception as exc:  # a defect of ours: this line's error, not the batch's end
         return AudioRequest(id=request_id, audio=[], error=internal_error(where, exc))
 
 
-def internal_error(where: str, exc: Exception) -> InputError:
+def internal_error(where: str, exc: Exception) -> ExplainedError:
     """The last-resort net: an unexpected exception while handling one
     request becomes that request's error record (type internal_error)."""
-    return InputError(f"{where}: unexpected {summary_of(exc)}", kind="internal_error")
+    return ExplainedError(f"{where}: unexpected {summary_of(exc)}", kind="internal_error")
 
 
 def manifest_request(
@@ -604,7 +610,7 @@ def manifest_request(
 ) -> AudioRequest:
     unknown = sorted(set(item) - MANIFEST_KEYS)
     if unknown:
-        raise InputError(
+        raise ExplainedError(
             f"{where}: unknown key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(MANIFEST_KEYS))}"
         )
@@ -612,13 +618,13 @@ def manifest_request(
     if isinstance(audio, str):
         audio = [audio]
     if not isinstance(audio, list) or not audio or not all(isinstance(a, str) and a for a in audio):
-        raise InputError(f'{where}: "audio" must be a path/URL or a non-empty list of them')
+        raise ExplainedError(f'{where}: "audio" must be a path/URL or a non-empty list of them')
     for key in ("question", "system_prompt", "reference", "language"):
         if key in item and not isinstance(item[key], str):
-            raise InputError(f'{where}: "{key}" must be a string')
+            raise ExplainedError(f'{where}: "{key}" must be a string')
     reference = item.get("reference")
     if reference is not None and not reference.strip():
-        raise InputError(
+        raise ExplainedError(
             f'{where}: "reference" is empty, so WER is undefined; '
             "leave the key out for clips without speech"
         )
@@ -637,7 +643,7 @@ def check_language(code: str, where: str) -> str:
     score, in lower case."""
     primary = code.strip().lower().replace("_", "-").split("-")[0]
     if primary not in LANGUAGES:
-        raise InputError(
+        raise ExplainedError(
             f'{where}: "language" {code!r} is not a language code we know; use an '
             "ISO 639-1 code such as en, zh, de, fr (or yue), optionally with a region: en-US"
         )
@@ -658,7 +664,7 @@ def resolve_source(source: str, base_dir: Path, where: str) -> str:
         return source
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+)://", source)
     if scheme:
-        raise InputError(
+        raise ExplainedError(
             f"{where}: audio {source!r}: scheme {scheme.group(1).lower()}:// is not "
             "supported; use a local path or an http(s) URL"
         )
@@ -668,12 +674,13 @@ def resolve_source(source: str, base_dir: Path, where: str) -> str:
 
 def expand_path(text: str, what: str) -> Path:
     """Path(text) with "~" expanded; "~name/..." for a user this machine does
-    not have is an InputError naming it, not a RuntimeError."""
+    not have is an ExplainedError naming it, not a RuntimeError."""
     try:
         return Path(text).expanduser()
     except (RuntimeError, ValueError):
-        raise InputError(
-            f"{what}: {one_line(text.split('/')[0])} is not a user here; write the path in full"
+        raise ExplainedError(
+            f"{what}: {escape_controls(text.split('/')[0])} is not a user here; "
+            "write the path in full"
         )
 
 
@@ -690,7 +697,9 @@ def check_url(url: str, where: str) -> None:
     if problem is None and any(c.isspace() or not c.isprintable() for c in url):
         problem = "spaces or control characters; percent-encode them (a space is %20)"
     if problem is not None:
-        raise InputError(f"{where}: audio {url!r}: not a valid URL ({one_line(problem)})")
+        raise ExplainedError(
+            f"{where}: audio {url!r}: not a valid URL ({escape_controls(problem)})"
+        )
 
 
 def read_manifest(path: Path) -> list[AudioRequest]:
@@ -698,7 +707,7 @@ def read_manifest(path: Path) -> list[AudioRequest]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise InputError(f"--manifest {path}: cannot read it ({exc.strerror})")
+        raise ExplainedError(f"--manifest {path}: cannot read it ({exc.strerror})")
     base_dir = path.resolve().parent
     requests: list[AudioRequest] = []
     seen: set[str] = set()
@@ -710,11 +719,11 @@ def read_manifest(path: Path) -> list[AudioRequest]:
         try:
             request = parse_manifest_line(line, lineno, base_dir)
             if request.id in seen:
-                raise InputError(
+                raise ExplainedError(
                     f"manifest line {lineno}: duplicate id {request.id!r}; "
                     "ids must be unique (the first one is kept)"
                 )
-        except InputError as exc:
+        except ExplainedError as exc:
             request = AudioRequest(id=place_id(path, lineno, seen), audio=[], error=exc)
         except Exception as exc:  # the last-resort net: this line's error record
             error = internal_error(f"manifest line {lineno}", exc)
@@ -738,7 +747,7 @@ def place_id(path: Path, lineno: int, taken: set[str]) -> str:
 def scan_audio_dir(directory: Path) -> list[AudioRequest]:
     """One request per audio file below directory; id = relative path."""
     if not directory.is_dir():
-        raise InputError(f"--audio-dir {directory}: not a directory")
+        raise ExplainedError(f"--audio-dir {directory}: not a directory")
     requests = []
     # followlinks=False: a symlink loop cannot make the walk run forever.
     for root, dirs, files in os.walk(directory):
@@ -746,10 +755,10 @@ def scan_audio_dir(directory: Path) -> list[AudioRequest]:
         for name in sorted(files):
             if name.lower().endswith(AUDIO_EXTENSIONS):
                 path = Path(root) / name
-                request_id = printable(path.relative_to(directory).as_posix())
+                request_id = escape_undecodable(path.relative_to(directory).as_posix())
                 requests.append(AudioRequest(id=request_id, audio=[str(path)]))
     if not requests:
-        raise InputError(
+        raise ExplainedError(
             f"--audio-dir {directory}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) below it"
         )
     return sorted(requests, key=lambda r: r.id)
@@ -757,7 +766,7 @@ def scan_audio_dir(directory: Path) -> list[AudioRequest]:
 
 def demo_requests(audio_count: int) -> list[AudioRequest]:
     if not 1 <= audio_count <= len(DEMO_ASSETS):
-        raise InputError(
+        raise ExplainedError(
             f"--audio-count {audio_count}: vLLM has {len(DEMO_ASSETS)} demo clips; "
             "pass your own clips with --audio FILE ..."
         )
@@ -776,15 +785,15 @@ def collect_requests(args: argparse.Namespace) -> list[AudioRequest]:
         if value
     ]
     if len(chosen) > 1:
-        raise InputError(f"{' and '.join(chosen)}: give only one source of audio")
+        raise ExplainedError(f"{' and '.join(chosen)}: give only one source of audio")
     if args.audio_count is not None and chosen:
         if args.audio and args.audio_count != len(args.audio):
-            raise InputError(
+            raise ExplainedError(
                 f"--audio-count {args.audio_count} but {len(args.audio)} --audio "
                 "clip(s): drop --audio-count, the clips set the count"
             )
         if not args.audio:
-            raise InputError(f"--audio-count goes with demo clips, not {chosen[0]}")
+            raise ExplainedError(f"--audio-count goes with demo clips, not {chosen[0]}")
     if args.audio:
         cwd = Path.cwd()
         return [
@@ -806,7 +815,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         index, count = -1, 0
     if count < 1 or not 0 <= index < count:
-        raise InputError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/8")
+        raise ExplainedError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/8")
     return index, count
 
 
@@ -850,10 +859,10 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             kind = response.headers.get_content_type()
             if kind.startswith("text/") or kind == "application/json":
-                raise InputError(f"audio {url}: server sent {kind}, not audio; check the URL")
+                raise ExplainedError(f"audio {url}: server sent {kind}, not audio; check the URL")
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(
+                raise ExplainedError(
                     f"audio {url}: {int(length) / 2**20:.1f} MB is over --max-audio-mb "
                     f"{max_bytes / 2**20:g}; raise it or download the file first"
                 )
@@ -863,7 +872,7 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
             while chunk := response.read1(1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise InputError(
+                    raise ExplainedError(
                         f"audio {url}: larger than --max-audio-mb "
                         f"{max_bytes / 2**20:g}; raise it or download the file first"
                     )
@@ -874,14 +883,14 @@ def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
                 raise http.client.IncompleteRead(b"", response.length)
             return b"".join(chunks)
     except urllib.error.HTTPError as exc:
-        raise InputError(f"audio {url}: HTTP {exc.code} {exc.reason}; check the URL")
+        raise ExplainedError(f"audio {url}: HTTP {exc.code} {exc.reason}; check the URL")
     except (TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc or "timed out"
         if isinstance(exc, TimeoutError) or "timed out" in str(reason):
             reason = f"no complete answer within --url-timeout {timeout:g} s"
-        raise InputError(f"audio {url}: download failed ({reason})")
+        raise ExplainedError(f"audio {url}: download failed ({reason})")
     except (http.client.HTTPException, ValueError) as exc:  # a bad URL, a body cut short
-        raise InputError(f"audio {url}: download failed ({summary_of(exc)}); check the URL")
+        raise ExplainedError(f"audio {url}: download failed ({summary_of(exc)}); check the URL")
 
 
 def demo_asset_path(name: str) -> str:
@@ -894,14 +903,14 @@ def demo_asset_path(name: str) -> str:
         "(VLLM_ASSETS_CACHE moves it)"
     )
     if hub_offline() and not (folder / f"{name}.ogg").is_file():
-        raise InputError(
+        raise ExplainedError(
             f"demo clip {name!r} is not in {folder} and offline mode allows no download; {how}",
             kind="asset_unavailable",
         )
     try:
         return str(AudioAsset(name).get_local_path())
     except Exception as exc:  # vLLM raises whatever its HTTP client raised
-        raise InputError(
+        raise ExplainedError(
             f"demo clip {name!r} could not be downloaded ({type(exc).__name__}); offline? {how}",
             kind="asset_unavailable",
         )
@@ -918,15 +927,17 @@ def open_audio_source(source: str, options: Options) -> tuple[Any, str]:
     try:
         info = path.stat()  # follows links; a loop raises ELOOP here
     except FileNotFoundError:
-        raise InputError(f"audio {source}: no such file; check the path")
+        raise ExplainedError(f"audio {source}: no such file; check the path")
     except OSError as exc:
-        raise InputError(f"audio {source}: cannot open it ({exc.strerror}); fix the path or link")
+        raise ExplainedError(
+            f"audio {source}: cannot open it ({exc.strerror}); fix the path or link"
+        )
     if path.is_dir():
-        raise InputError(f"audio {source}: is a directory; pass files, or use --audio-dir")
+        raise ExplainedError(f"audio {source}: is a directory; pass files, or use --audio-dir")
     if not os.access(path, os.R_OK):
-        raise InputError(f"audio {source}: permission denied; make it readable")
+        raise ExplainedError(f"audio {source}: permission denied; make it readable")
     if info.st_size == 0:
-        raise InputError(f"audio {source}: empty file (0 bytes); copy or export it again")
+        raise ExplainedError(f"audio {source}: empty file (0 bytes); copy or export it again")
     # Bytes, not str: libsndfile gets the name's exact bytes, so file names
     # that are not valid UTF-8 (Latin-1 archives) open too.
     return os.fsencode(source), source
@@ -952,28 +963,25 @@ def decode_to_16k_mono(handle: Any, name: str) -> Clip:
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else "unknown format"
         return decode_with_ffmpeg(handle, name, f"libsndfile: {detail}")
-    # libsndfile (1.2.2) read block by block loses audio at every block
-    # boundary of some MP3s (those libsndfile itself writes: 0.22 s of
-    # silence after each 10 s block); FFmpeg streams them whole.
+    # libsndfile read block by block loses audio at the block boundaries of
+    # some MP3s; FFmpeg streams them whole.
     return decode_with_ffmpeg(handle, name, "MP3, which libsndfile reads with gaps")
 
 
 def decode_with_ffmpeg(handle: Any, name: str, why: str) -> Clip:
-    """Through PyAV (FFmpeg's libraries in a wheel, so no ffmpeg program is
-    needed in the image): what libsndfile cannot read (m4a, aac, wma, 5.1
-    and other layouts), and MP3, which libsndfile reads with gaps. PyAV
-    rather than librosa.load: librosa imports numba/llvmlite, which breaks
-    vLLM's CPU kernel setup when imported while the engine starts. Each
-    decoded frame holds whole samples of every channel, so any channel count
-    downmixes correctly. A packet FFmpeg cannot decode (a damaged frame, a
-    download cut off mid-frame) is skipped, as libsndfile's MP3 decoder
-    skips it; the clip fails only if no audio decodes at all.
+    """Through PyAV (FFmpeg's libraries in a wheel: no ffmpeg program needed):
+    what libsndfile cannot read (m4a, aac, wma, 5.1 and other layouts), and
+    MP3. Not librosa: it imports llvmlite, which breaks vLLM's CPU engine
+    start. Each frame holds whole samples of every channel, so any channel
+    count downmixes. A packet FFmpeg cannot decode (a damaged frame, a download
+    cut off mid-frame) is skipped, as libsndfile skips it; the clip fails only
+    if no audio decodes at all.
     """
     fix = "convert it, e.g. ffmpeg -i INPUT -ac 1 -ar 16000 out.wav"
     try:
         import av
     except ImportError:
-        raise InputError(
+        raise ExplainedError(
             f"audio {name}: needs PyAV to decode ({why}), which is not installed: "
             f"pip install -r requirements.txt, or {fix}",
             kind="audio_decode_error",
@@ -1015,7 +1023,7 @@ def decode_with_ffmpeg(handle: Any, name: str, why: str) -> Clip:
                 out.add(np.concatenate(pending))
             return Clip(name, out.finish(), out.rate, channels)
     except Exception as exc:  # PyAV raises its own error per FFmpeg failure
-        raise InputError(
+        raise ExplainedError(
             f"audio {name}: cannot decode it as audio ({why}; FFmpeg: {summary_of(exc)}); {fix}",
             kind="audio_decode_error",
         )
@@ -1066,12 +1074,12 @@ class Mono16k:
 
 def check_clip(clip: Clip) -> None:
     if not np.isfinite(clip.samples).all():
-        raise InputError(
+        raise ExplainedError(
             f"audio {clip.source}: contains NaN or infinite samples; re-export it",
             kind="audio_decode_error",
         )
     if clip.seconds < MIN_CLIP_SECONDS:
-        raise InputError(
+        raise ExplainedError(
             f"audio {clip.source}: {clip.seconds:.3f} s is too short; Qwen2-Audio "
             f"needs at least {MIN_CLIP_SECONDS} s"
         )
@@ -1171,7 +1179,7 @@ def apply_long_audio_policy(
         return [Segment([c.samples for c in clips], 0.0, max(c.seconds for c in clips))]
     names = ", ".join(f"{c.source} ({c.seconds:.1f} s)" for c in long_clips)
     if options.long_audio == "error":
-        raise InputError(
+        raise ExplainedError(
             f"audio {names}: longer than {limit:g} s; use --long-audio split "
             "or truncate, or cut the file"
         )
@@ -1268,7 +1276,7 @@ def check_no_special_tokens(text: str, what: str) -> None:
     # <|im_end|> would end the user turn early, <|AUDIO|> would claim audio.
     found = [token for token in SPECIAL_TOKENS if token in text]
     if found:
-        raise InputError(
+        raise ExplainedError(
             f"{what} contains the chat control token(s) {' '.join(found)}; remove "
             "them, or pass --allow-special-tokens if you mean it"
         )
@@ -1294,7 +1302,7 @@ class PreparedRequest:
     split: bool = False  # a long clip cut into segments
     warnings: list[str] = dataclasses.field(default_factory=list)
     decode_seconds: float = 0.0
-    error: InputError | None = None
+    error: ExplainedError | None = None
 
     @property
     def id(self) -> str:
@@ -1323,7 +1331,7 @@ def prepare_request(
         question = question_for(request, options)
         system_prompt = request.system_prompt or options.system_prompt
         raw = options.prompt_format == "raw"
-        name = f"request {one_line(request.id)}"
+        name = f"request {escape_controls(request.id)}"
         if not options.allow_special_tokens:
             check_no_special_tokens(question, f"{name}: question")
             if not raw:
@@ -1341,10 +1349,10 @@ def prepare_request(
             prepared.prompt = build_prompt(question, len(clips), system_prompt)
         if count_tokens is not None:
             count_prompt_tokens(prepared, count_tokens, options)
-    except InputError as exc:
+    except ExplainedError as exc:
         prepared.error = exc
     except Exception as exc:  # a defect of ours costs this request, not the batch
-        prepared.error = internal_error(f"request {one_line(request.id)}", exc)
+        prepared.error = internal_error(f"request {escape_controls(request.id)}", exc)
     prepared.decode_seconds = time.perf_counter() - started
     return prepared
 
@@ -1352,7 +1360,7 @@ def prepare_request(
 def count_prompt_tokens(
     prepared: PreparedRequest, count_tokens: TokenCounter, options: Options
 ) -> None:
-    """Each segment's prompt tokens; InputError if one is over the budget."""
+    """Each segment's prompt tokens; ExplainedError if one is over the budget."""
     clips = len(prepared.segments[0].clips)
     text_tokens = count_tokens(prepared.prompt) - clips  # without the <|AUDIO|> placeholders
     prepared.prompt_tokens = [
@@ -1363,8 +1371,8 @@ def count_prompt_tokens(
 
 def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
     if prompt_tokens >= options.max_model_len:
-        raise InputError(
-            f"request {one_line(request_id)}: prompt needs {prompt_tokens} tokens but "
+        raise ExplainedError(
+            f"request {escape_controls(request_id)}: prompt needs {prompt_tokens} tokens but "
             f"--max-model-len is {options.max_model_len}; raise --max-model-len "
             "or send fewer/shorter clips"
         )
@@ -1387,7 +1395,7 @@ def load_tokenizer_counter(model_dir: Path | None, trust_remote_code: bool) -> T
         processor.feature_extractor  # noqa: B018 (raises if it is missing)
     except (OSError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
+        raise ExplainedError(
             f"--model {model_dir}: cannot load its tokenizer and audio processor "
             f"({first[:200]}); copy the whole checkpoint directory"
         )
@@ -1415,23 +1423,23 @@ class ModelSource:
 
 def locate_model(model: str) -> ModelSource:
     """The checkpoint of --model: a directory, or a hub id's copy in the
-    local cache, or a hub that will serve it. Anything else is an InputError
+    local cache, or a hub that will serve it. Anything else is an ExplainedError
     now, in a second, instead of a traceback after the engine's retries."""
     path = expand_path(model, "--model")
     looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
     if looks_like_path or path.exists():
         if not path.is_dir():
-            raise InputError(
+            raise ExplainedError(
                 f"--model {model}: no such directory; give a local checkpoint "
                 f"directory or a hub id such as {DEFAULT_MODEL}"
             )
         if not (path / "config.json").is_file():
-            raise InputError(
+            raise ExplainedError(
                 f"--model {model}: no config.json in it; point --model at the "
                 "checkpoint directory (the one holding config.json)"
             )
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise InputError(
+            raise ExplainedError(
                 f"--model {model}: no weights (*.safetensors) in it; copy the whole "
                 "checkpoint directory"
             )
@@ -1446,7 +1454,7 @@ def locate_model(model: str) -> ModelSource:
         problem = hub_unreachable(hub)
         if problem is None or cached is not None:
             return ModelSource(model, cached, problem)
-    raise InputError(
+    raise ExplainedError(
         f"--model {model}: not in the local {hub} cache ({cache}) and {problem}; "
         f"download it where there is network ({download}) and copy the cache here, "
         "or pass --model DIR",
@@ -1458,7 +1466,7 @@ def find_model(model: str, dry_run: bool) -> ModelSource:
     source = ModelSource(model)
     try:
         source = locate_model(model)
-    except InputError as exc:
+    except ExplainedError as exc:
         if not (dry_run and exc.kind == "model_unavailable"):
             raise
         # A dry run may plan before a hub model is here (the published config).
@@ -1536,7 +1544,7 @@ def engine_kwargs(
     if isinstance(allowed, dict):  # newer vLLM: {"audio": {"count": N, ...}}
         allowed = allowed.get("count", 0)
     if max_clips > allowed:
-        raise InputError(
+        raise ExplainedError(
             f"{max_clips} clips in one prompt but --limit-mm-per-prompt allows "
             f"{allowed} audio; raise it, e.g. --limit-mm-per-prompt "
             f"'{{\"audio\": {max_clips}}}'"
@@ -1628,7 +1636,7 @@ def answer_requests(
     from vllm.sampling_params import RequestOutputKind
 
     options = options or Options()
-    ours = not hasattr(llm, "generate")  # an engine we start is ours to stop
+    we_start_engine = not hasattr(llm, "generate")  # llm is a factory: ours to stop
     params = copy.copy(sampling_params or tutorial_sampling_params())
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
@@ -1669,18 +1677,16 @@ def answer_requests(
             if feeder is not None:
                 feeder.abort()  # a consumer that stopped early leaves nothing running
         finally:
-            if ours and hasattr(llm, "generate"):
+            if we_start_engine and hasattr(llm, "generate"):
                 stop_engine(llm)
 
 
 def stop_engine(llm: Any) -> None:
     """Stop an engine whose results are all in, as vLLM's OpenAI server and
     batch runner stop theirs: with the engine's --shutdown-timeout (default
-    0: terminate, then kill what is left, at once). Left to garbage
-    collection, vLLM gives the engine core 5 s to exit by itself, which on
-    CPU it never did: every run ended 5 s after its last result with the
-    engine killed anyway. A failure here is said, never raised: it would
-    hide the run's own outcome (or the error being raised)."""
+    0: terminate, then kill what is left, at once), not after the grace that
+    garbage collection would give it. A failure here is said, never raised:
+    it would hide the run's own outcome (or the error being raised)."""
     try:
         client = getattr(llm.llm_engine, "engine_core", None)
         if client is not None:
@@ -1734,7 +1740,7 @@ class InFlight:
     outputs: list[Any]  # per segment: vLLM's RequestOutput once it finished
     wait_for_audio_seconds: float = 0.0
     engine_ids: list[str | None] = dataclasses.field(default_factory=list)  # None: refused
-    segment_errors: dict[int, InputError] = dataclasses.field(default_factory=dict)
+    segment_errors: dict[int, ExplainedError] = dataclasses.field(default_factory=dict)
     done: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     finished: float = 0.0
@@ -1743,7 +1749,7 @@ class InFlight:
     def complete(self) -> bool:
         return self.prepared.error is not None or self.done == len(self.outputs)
 
-    def settle(self, segment: int, output: Any = None, error: InputError | None = None) -> None:
+    def settle(self, segment: int, output: Any = None, error: ExplainedError | None = None) -> None:
         """A segment answered (output) or failed (error)."""
         if error is not None:
             self.segment_errors[segment] = error
@@ -1832,8 +1838,7 @@ class EngineFeeder:
     def __init__(self, llm: Any, params: Any, options: Options) -> None:
         self.engine = llm.llm_engine
         tokenizer = llm.get_tokenizer()
-        # Most requests of a batch share one prompt: tokenizing it again for
-        # each was 3% of this process's busy time at 2,000 clips (py-spy).
+        # Most requests of a batch share one prompt: count its tokens once.
         self.count_tokens = functools.lru_cache(maxsize=256)(
             lambda text: len(tokenizer.encode(text, add_special_tokens=False))
         )
@@ -1858,10 +1863,10 @@ class EngineFeeder:
         if prepared.error is None and not prepared.prompt_tokens:
             try:
                 count_prompt_tokens(prepared, self.count_tokens, self.options)
-            except InputError as exc:
+            except ExplainedError as exc:
                 prepared.error = exc
             except Exception as exc:  # the last-resort net: this request's error
-                prepared.error = internal_error(f"request {one_line(prepared.id)}", exc)
+                prepared.error = internal_error(f"request {escape_controls(prepared.id)}", exc)
         self.in_flight.append(entry)
         self.feed()
 
@@ -1941,11 +1946,11 @@ def engine_side_failure(output: Any) -> EngineSideError | None:
     return None
 
 
-def segment_error(entry: InFlight, segment: int, exc: Exception) -> InputError:
+def segment_error(entry: InFlight, segment: int, exc: Exception) -> ExplainedError:
     """A segment's failure: refused by the engine (too long, bad audio for
     its processor), failed inside it, or something unexpected; named by its
     times when the request has several segments."""
-    name = f"request {one_line(entry.prepared.id)}"
+    name = f"request {escape_controls(entry.prepared.id)}"
     if len(entry.outputs) > 1:
         part = entry.prepared.segments[segment]
         name += (
@@ -1953,11 +1958,11 @@ def segment_error(entry: InFlight, segment: int, exc: Exception) -> InputError:
             f"[{part.start_seconds:.2f}-{part.end_seconds:.2f} s]"
         )
     if isinstance(exc, engine_refusals()):
-        return InputError(
-            f"{name}: the engine refused it ({one_line(str(exc))})", kind="engine_rejected"
+        return ExplainedError(
+            f"{name}: the engine refused it ({escape_controls(str(exc))})", kind="engine_rejected"
         )
     if isinstance(exc, EngineSideError):
-        return InputError(f"{name}: the engine failed on it ({exc})", kind="engine_error")
+        return ExplainedError(f"{name}: the engine failed on it ({exc})", kind="engine_error")
     return internal_error(name, exc)
 
 
@@ -1983,7 +1988,7 @@ def result_record(
     prepared: PreparedRequest,
     outputs: list[Any],
     timing: dict[str, float],
-    segment_errors: Mapping[int, InputError] | None = None,
+    segment_errors: Mapping[int, ExplainedError] | None = None,
 ) -> dict[str, Any]:
     """The JSON record of an answered request: its segments' answers joined
     in order; a segment that failed (segment_errors) is left out of the
@@ -2003,7 +2008,7 @@ def result_record(
     request = prepared.request
     record: dict[str, Any] = {
         "id": request.id,
-        "audio": [printable(a) for a in request.audio],
+        "audio": [escape_undecodable(a) for a in request.audio],
         "prompt": prepared.prompt,
         "answer": answers[0],
         "answers": answers,
@@ -2032,22 +2037,22 @@ def result_record(
         score = score_answer(answers[0], request.reference, request.language)
         if score is None:
             warnings.append(
-                f"request {one_line(request.id)}: the reference has no words left after "
+                f"request {escape_controls(request.id)}: the reference has no words left after "
                 "normalisation (only punctuation or tags?): not scored"
             )
         else:
             record[score["metric"]] = round(score["edits"] / score["reference_units"], 4)
             record["score"] = score
     if warnings:
-        record["warnings"] = [printable(w) for w in warnings]
+        record["warnings"] = [escape_undecodable(w) for w in warnings]
     return record
 
 
-def failed_segment_record(error: InputError, segment: Segment) -> dict[str, Any]:
+def failed_segment_record(error: ExplainedError, segment: Segment) -> dict[str, Any]:
     return {
         "start": round(segment.start_seconds, 3),
         "end": round(segment.end_seconds, 3),
-        "error": {"type": error.kind, "message": printable(str(error))},
+        "error": {"type": error.kind, "message": escape_undecodable(str(error))},
     }
 
 
@@ -2067,7 +2072,7 @@ def truncation_warnings(request_id: str, parts: list[dict[str, Any]], split: boo
             continue
         where = f" in segment {i + 1} [{part['start']:.2f}-{part['end']:.2f} s]"
         warnings.append(
-            f"request {one_line(request_id)}: answer cut off at max_tokens "
+            f"request {escape_controls(request_id)}: answer cut off at max_tokens "
             f"({max(len(t) for t in part['token_ids'])} tokens)"
             f"{where if split else ''}; raise --max-tokens for the whole answer"
         )
@@ -2079,8 +2084,8 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
     request = prepared.request
     record = {
         "id": request.id,
-        "audio": [printable(a) for a in request.audio],
-        "error": {"type": prepared.error.kind, "message": printable(str(prepared.error))},
+        "audio": [escape_undecodable(a) for a in request.audio],
+        "error": {"type": prepared.error.kind, "message": escape_undecodable(str(prepared.error))},
     }
     if request.reference is not None:  # counted apart in the WER/CER summary
         record.update(reference=request.reference, language=request.language)
@@ -2096,24 +2101,22 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
 def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
     """jiwer, Whisper's English normaliser, and its basic one keeping
     combining marks (imported on first use: runs without references do not
-    need them). Whisper's basic normaliser by default turns every Unicode
-    mark into a space: Hindi's vowel signs and viramas, Thai's vowels and
-    tone marks, splitting words apart ("नमस्ते दुनिया", 2 words, became 5);
-    whisper-normalizer's preserve_marks keeps them, as its docs advise for
-    such scripts."""
+    need them). By default Whisper's basic normaliser turns every Unicode
+    mark (Hindi's vowel signs, Thai's tone marks) into a space and splits
+    words apart; preserve_marks keeps them, as its docs advise."""
     try:
         import jiwer
         from whisper_normalizer.basic import BasicTextNormalizer
         from whisper_normalizer.english import EnglishTextNormalizer
     except ImportError as exc:
-        raise InputError(
+        raise ExplainedError(
             f"references in the manifest need jiwer and whisper-normalizer ({exc.name} "
             "is not installed): pip install -r requirements.txt"
         )
     try:
         basic = BasicTextNormalizer(preserve_marks=True)
     except TypeError:  # before whisper-normalizer 0.1.13
-        raise InputError(
+        raise ExplainedError(
             "references in the manifest need whisper-normalizer >= 0.1.13 (it keeps "
             "combining marks): pip install -r requirements.txt"
         )
@@ -2182,7 +2185,7 @@ class OutputFile:
             try:
                 self.stream = open(path, "a", encoding="utf-8", errors="backslashreplace")
             except OSError as exc:
-                raise InputError(f"--output {path}: cannot write it ({exc.strerror})")
+                raise ExplainedError(f"--output {path}: cannot write it ({exc.strerror})")
             lock_output(self.stream, path)
         self.fd = file_descriptor(self.stream)
         info = os.fstat(self.fd) if self.fd is not None and path is not None else None
@@ -2420,7 +2423,7 @@ def lock_directory(directory: Path) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY)
     except OSError as exc:
-        raise InputError(
+        raise ExplainedError(
             f"--output-dir {directory}: cannot create or open it ({exc.strerror}); "
             "choose a directory you can write to"
         )
@@ -2428,7 +2431,7 @@ def lock_directory(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise InputError(
+        raise ExplainedError(
             f"--output-dir {directory}: another run is writing to it; wait for it "
             "or choose another directory"
         )
@@ -2436,7 +2439,7 @@ def lock_directory(directory: Path) -> int:
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as exc:
         os.close(fd)
-        raise InputError(
+        raise ExplainedError(
             f"--output-dir {directory}: cannot write in it ({exc.strerror}); "
             "choose a directory you can write to"
         )
@@ -2514,7 +2517,7 @@ def lock_output(stream: TextIO, path: Path) -> None:
     try:
         fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise InputError(
+        raise ExplainedError(
             f"--output {path}: another run is writing to it; wait for it or choose another file"
         )
 
@@ -2674,7 +2677,7 @@ def dry_run(
             failed += 1
             log(f"error: {prepared.error}")
             continue
-        out.write(f"# request {one_line(request.id)}\n{prepared.prompt}\n")
+        out.write(f"# request {escape_controls(request.id)}\n{prepared.prompt}\n")
         for warning in prepared.warnings:
             out.write(f"# warning: {warning}\n")
         for i, seg in enumerate(prepared.segments):
@@ -2944,7 +2947,7 @@ def output_format(args: argparse.Namespace, batch: bool) -> str:
     """The format asked for, or the one --output's suffix names; checked
     against where the results go."""
     if args.output and args.output_dir:
-        raise InputError("--output and --output-dir: give one (a file, or a file per request)")
+        raise ExplainedError("--output and --output-dir: give one (a file, or a file per request)")
     fmt = args.output_format
     if fmt is None and args.output_dir:
         fmt = "json"
@@ -2952,7 +2955,7 @@ def output_format(args: argparse.Namespace, batch: bool) -> str:
         suffix = args.output.suffix.lower() if args.output else ""
         fmt = {f".{name}": name for name in OUTPUT_FORMATS}.get(suffix, "text")
     if fmt in SUBTITLE_FORMATS and batch and not args.output_dir:
-        raise InputError(
+        raise ExplainedError(
             f"--output-format {fmt}: subtitles are one file per recording; "
             "add --output-dir DIR for a batch"
         )
@@ -2987,14 +2990,14 @@ def open_output(
     """The output (locked) and the ids a --resume may skip."""
     if path is None:
         if resume:
-            raise InputError(
+            raise ExplainedError(
                 "--resume needs --output FILE.jsonl or --output-dir DIR to resume from"
             )
         return OutputFile(None), set()
     if resume and fmt != "jsonl":
-        raise InputError(f"--resume: --output {path} must be jsonl to resume")
+        raise ExplainedError(f"--resume: --output {path} must be jsonl to resume")
     if resume and path.exists() and not path.is_file():
-        raise InputError(f"--resume: --output {path} is not a regular file")
+        raise ExplainedError(f"--resume: --output {path} is not a regular file")
     out = OutputFile(path, replace=not resume)
     if not resume:
         return out, set()
@@ -3019,7 +3022,7 @@ def check_before_loading(
 
 def log_problems(record: dict[str, Any]) -> None:
     if "error" in record:
-        log(f"error: {one_line(record['id'])}: {record['error']['message']}")
+        log(f"error: {escape_controls(record['id'])}: {record['error']['message']}")
     for warning in record.get("warnings", []):
         log(f"warning: {warning}")
 
@@ -3040,8 +3043,8 @@ def build_sampling_params(args: argparse.Namespace) -> Any:
             seed=args.sampling_seed,
         )
     except Exception as exc:  # ValueError, or 0.32's VLLMValidationError
-        raise InputError(
-            f"sampling flags: {one_line(str(exc))}; fix --temperature, --top-p, --top-k, "
+        raise ExplainedError(
+            f"sampling flags: {escape_controls(str(exc))}; fix --temperature, --top-p, --top-k, "
             "--max-tokens, --repetition-penalty or --n"
         )
 
@@ -3070,13 +3073,15 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     params = build_sampling_params(args)
     check_report_path(args.report)
     check_not_the_manifest(args)
-    todo: list[Any] = requests if batch else check_before_loading(requests, options, count_tokens)
+    to_answer: Sequence[AudioRequest | PreparedRequest] = (
+        requests if batch else check_before_loading(requests, options, count_tokens)
+    )
     report = RunReport(requests=len(requests))
-    ids = [r.id for r in todo]
+    ids = [r.id for r in to_answer]
     writer, finished = open_writer(args, fmt, ids, batch, report.add_score)
-    todo = [r for r in todo if r.id not in finished]
-    report.skipped = len(requests) - len(todo)
-    progress = Progress(len(todo), enabled=batch and not args.no_progress)
+    to_answer = [r for r in to_answer if r.id not in finished]
+    report.skipped = len(requests) - len(to_answer)
+    progress = Progress(len(to_answer), enabled=batch and not args.no_progress)
 
     def start() -> Any:
         started = time.perf_counter()
@@ -3088,12 +3093,12 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
     complete = False
     last_record = None
     try:
-        if not todo:
+        if not to_answer:
             where = args.output or args.output_dir
             log(f"nothing to do: all {len(requests)} request(s) are in {where}")
         else:
-            for record in answer_requests(start, todo, params, options):
-                if progress.done + 1 == len(todo):
+            for record in answer_requests(start, to_answer, params, options):
+                if progress.done + 1 == len(to_answer):
                     # The last result: once it is written nothing can be lost,
                     # and vLLM shuts down when the loop ends; a signal from
                     # here on is only noted.
@@ -3123,7 +3128,7 @@ def run(args: argparse.Namespace, model: ModelSource) -> int:
 def check_report_path(path: Path | None) -> None:
     """A --report that cannot be written fails now, not after the batch."""
     if path is not None and not os.access(path.parent, os.W_OK):
-        raise InputError(
+        raise ExplainedError(
             f"--report {path}: cannot write into {path.parent}; create it or choose another path"
         )
 
@@ -3139,7 +3144,7 @@ def check_not_the_manifest(args: argparse.Namespace) -> None:
     ]
     for flag, path, other_flag, other in pairs:
         if path is not None and other is not None and same_file(path, other):
-            raise InputError(
+            raise ExplainedError(
                 f"{flag} {path} is the {other_flag} file: writing there would destroy it; "
                 f"choose another {flag}"
             )
@@ -3175,7 +3180,7 @@ def main(argv: list[str] | None = None) -> int:
         if early.help and not engine_importable():
             return EXIT_OK
         if importlib.util.find_spec("vllm") is None:  # said now, not after the model checks
-            raise InputError(f"cannot import vllm (No module named 'vllm'); {ENGINE_FIX}")
+            raise ExplainedError(f"cannot import vllm (No module named 'vllm'); {ENGINE_FIX}")
         model = ModelSource(early.model) if early.help else find_model(early.model, early.dry_run)
         args = build_parser().parse_args(argv)
         code = run(args, model)
@@ -3185,7 +3190,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(while vLLM shut down): ignored, the exit code is the run's ({code})"
             )
         return code
-    except InputError as exc:
+    except ExplainedError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except OutputError as exc:
@@ -3223,7 +3228,7 @@ def engine_importable() -> bool:
     engine flags are missing) where vLLM cannot be imported."""
     try:
         import_engine_module("vllm.engine.arg_utils")
-    except InputError as problem:
+    except ExplainedError as problem:
         print_help_without_engine(problem)
         return False
     return True
@@ -3281,11 +3286,10 @@ def silence_stdout() -> None:
 
 
 def exit_now(code: int) -> NoReturn:
-    """End the process once the run is over. Python's own teardown after a
-    run frees every object of torch and vLLM one by one, ~2.5 s on the CI
-    machine, and nothing a finished run needs happens in it: the handlers
-    registered with atexit (vLLM's, multiprocessing's, logging's) still
-    run here, the standard streams are flushed, then the process ends."""
+    """End the process once the run is over, skipping Python's teardown
+    (freeing every torch and vLLM object one by one), which a finished run
+    does not need: the atexit handlers (vLLM's, multiprocessing's,
+    logging's) still run, the standard streams are flushed, then it ends."""
     STOP_SIGNALS.finish()  # a signal now is noted, not raised: the code stands
     try:
         atexit._run_exitfuncs()
