@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def tracebacks_of_ours(stderr: str) -> list[str]:
     """Traceback lines of the script's own process. vLLM's engine processes
     prefix their lines ("(Worker pid=44) ..."): vLLM 0.23's CPU workers print
     a harmless AttributeError from a __del__ at shutdown (see
-    ENGINE-ON-CPU.md), which is not the script's doing."""
+    docs/testing.md, "The engine on CPU"), which is not the script's doing."""
     return [line for line in stderr.splitlines() if line.startswith("Traceback")]
 
 
@@ -172,6 +173,34 @@ def load_json_output(result: subprocess.CompletedProcess) -> list[dict]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def whole_records(path: Path, torn_tail: bool = False) -> list[dict]:
+    """The records of an output file that no run is writing to: every line
+    a whole JSON record. torn_tail: the run was killed and may have been
+    inside a write, so its last line may be torn; that line is left out, as
+    --resume drops it (a run that ended any other way never tears one)."""
+    data = path.read_bytes() if path.exists() else b""
+    if torn_tail:
+        data = data[: data.rfind(b"\n") + 1]
+    assert not data or data.endswith(b"\n"), f"{path}: last line torn"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def assert_each_id_once(path: Path, ids: Iterable[str], kept: Sequence[dict] = ()) -> list[dict]:
+    """The check after a run was killed or stopped and then resumed: every
+    line of path is a whole JSON record, each id of ids has exactly one
+    record and no other id has any, and the records written before the
+    resume (kept) still come first, unchanged. Returns the records."""
+    records = whole_records(path)
+    counts, wanted = Counter(r["id"] for r in records), set(ids)
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    missing, unexpected = sorted(wanted - set(counts)), sorted(set(counts) - wanted)
+    assert not (twice or missing or unexpected), (
+        f"{path}: ids twice {twice[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+    )
+    assert records[: len(kept)] == list(kept), f"{path}: records written before the resume changed"
+    return records
 
 
 @contextlib.contextmanager

@@ -1,13 +1,16 @@
 """A real-engine batch run: killed with SIGKILL mid-run, then resumed. Every
 id ends up exactly once; a corrupt clip costs only its own result; a 75 s
-recording is answered segment by segment, in order."""
+recording is answered segment by segment, in order.
+
+The run cannot finish before the kill: its last request's audio comes from a
+HeldAudioServer, released only after the kill."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -16,21 +19,25 @@ from helpers import (
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     PAUSES,
-    ROOT,
     SCRIPT,
-    read_jsonl,
+    HeldAudioServer,
+    assert_each_id_once,
     run_cli,
     speech_like,
+    start,
     tone,
-    user_env,
+    wait_for_lines,
+    whole_records,
 )
 from reference import transformers_greedy_ids
 
 pytestmark = pytest.mark.engine
 
 
-def make_batch(folder) -> tuple[list[str], str]:
-    lines, ids = [], []
+def make_batch(folder, held: HeldAudioServer) -> tuple[list[str], str]:
+    """20 clips, a corrupt file, a 75 s recording, and last (by id) a request
+    whose audio the server holds until released."""
+    lines = []
     for i in range(20):
         soundfile.write(folder / f"clip{i:02d}.wav", tone(1 + i % 3, 16000, 200 + 40 * i), 16000)
         lines.append({"id": f"r{i:02d}", "audio": f"clip{i:02d}.wav"})
@@ -38,6 +45,7 @@ def make_batch(folder) -> tuple[list[str], str]:
     lines.append({"id": "r10-corrupt", "audio": "corrupt.wav"})
     soundfile.write(folder / "long.wav", speech_like(75, PAUSES), 16000)
     lines.append({"id": "r11-long", "audio": "long.wav", "question": "Summarize."})
+    lines.append({"id": "zz-held", "audio": held.url})
     (folder / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ids = [x["id"] for x in lines]
     return ids, str(folder / "jobs.jsonl")
@@ -45,57 +53,20 @@ def make_batch(folder) -> tuple[list[str], str]:
 
 def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path, home, vllm):
     """On both vLLM versions (the fixture vllm is each one's interpreter)."""
-    ids, manifest = make_batch(tmp_path)
-    out = tmp_path / "results.jsonl"
-    argv = [
-        vllm,
-        str(SCRIPT),
-        "--model",
-        str(tiny_model),
-        "--manifest",
-        manifest,
-        "--output",
-        str(out),
-        "--chunk-size",
-        "2",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "24",
-        *CPU_ENGINE_FLAGS,
-    ]
-    victim = subprocess.Popen(
-        argv,
-        env=user_env(home, IN_PROCESS_ENGINE),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and victim.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 3:
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-    written = out.read_text().count("\n")
-    assert 3 <= written < len(ids), "the kill must land in the middle of the run"
-    with out.open("a") as f:
-        f.write('{"id": "r19", "answ')  # what a kill inside a write leaves
-
-    resumed = run_cli(
-        *argv[2:],
-        "--resume",
-        "--report",
-        tmp_path / "report.json",
-        home=home,
-        env=IN_PROCESS_ENGINE,
-        python=vllm,
-    )
+    with HeldAudioServer() as held:
+        ids, manifest, written = kill_after_three_records(tiny_model, tmp_path, home, vllm, held)
+        argv = batch_argv(vllm, tiny_model, manifest, tmp_path / "results.jsonl")
+        resumed = run_cli(
+            *argv[2:],
+            "--resume",
+            "--report",
+            tmp_path / "report.json",
+            home=home,
+            env=IN_PROCESS_ENGINE,
+            python=vllm,
+        )
     assert resumed.returncode == 1, resumed.stderr[-3000:]  # 1: some request failed
-    records = read_jsonl(out)  # every line parses
-    assert sorted(r["id"] for r in records) == sorted(ids)
+    records = assert_each_id_once(tmp_path / "results.jsonl", ids, kept=written)
 
     by_id = {r["id"]: r for r in records}
     assert by_id["r10-corrupt"]["error"]["type"] == "audio_decode_error"
@@ -114,8 +85,58 @@ def test_kill_resume_corrupt_clip_and_long_audio(tiny_model, tmp_path, home, vll
     assert by_id["r03"]["token_ids"] == [ref_ids]
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["failed"] == 1 and report["skipped"] == written
-    assert report["ok"] == len(ids) - written - 1
+    assert report["failed"] == 1 and report["skipped"] == len(written)
+    assert report["ok"] == len(ids) - len(written) - 1
     assert np.isclose(
         report["real_time_factor"], report["audio_seconds"] / report["wall_seconds"], atol=0.01
     )
+
+
+def batch_argv(vllm: str, model, manifest: str, out) -> list[str]:
+    return [
+        vllm,
+        str(SCRIPT),
+        "--model",
+        str(model),
+        "--manifest",
+        manifest,
+        "--output",
+        str(out),
+        "--chunk-size",
+        "2",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        # The held download waits as long as the test needs.
+        "--url-timeout",
+        "3600",
+        *CPU_ENGINE_FLAGS,
+    ]
+
+
+def kill_after_three_records(
+    tiny_model, tmp_path, home, vllm: str, held: HeldAudioServer
+) -> tuple[list[str], str, list[dict]]:
+    """The batch SIGKILLed once 3 records are in; then a torn line appended,
+    as a kill inside a write leaves one. Returns the ids, the manifest and
+    the whole records written before the kill.
+
+    The kill always lands mid-run: the last request ("zz-held") cannot be
+    answered before the server is released, after the kill, so the run can
+    neither finish nor write every record first, however fast it is."""
+    ids, manifest = make_batch(tmp_path, held)
+    out = tmp_path / "results.jsonl"
+    proc = start(batch_argv(vllm, tiny_model, manifest, out), home, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_lines(proc, out, 3, timeout=400)
+    finally:  # also when the wait fails: no run left behind on the machine
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    written = whole_records(out, torn_tail=True)
+    assert 3 <= len(written) < len(ids)
+    with out.open("a") as f:
+        f.write('{"id": "r19", "answ')  # what a kill inside a write leaves
+    held.release()
+    return ids, manifest, written

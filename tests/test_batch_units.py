@@ -4,6 +4,7 @@ memory estimate, without the engine."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import PAUSES, speech_like
@@ -65,7 +66,7 @@ def test_shards_are_disjoint_and_cover_everything():
     assert set().union(*shards) == set(ids)
     assert sum(len(s) for s in shards) == len(ids)
     assert min(len(s) for s in shards) > 80  # roughly balanced
-    with pytest.raises(tool.InputError, match="--shard 8/8"):
+    with pytest.raises(tool.ExplainedError, match="--shard 8/8"):
         tool.parse_shard("8/8")
 
 
@@ -122,34 +123,82 @@ def test_split_truncate_and_error_policies():
     assert len(segment.clips[0]) == 30 * 16000
     assert warnings == ["audio long.wav: 75.0 s truncated to 30 s, 45.0 s dropped"]
     options.long_audio = "error"
-    with pytest.raises(tool.InputError, match=r"long.wav \(75.0 s\): longer than 30 s"):
+    with pytest.raises(tool.ExplainedError, match=r"long.wav \(75.0 s\): longer than 30 s"):
         tool.apply_long_audio_policy([clip], options, [])
 
 
-def test_memory_estimate_for_qwen2_audio_7b_by_hand():
-    # Published config: Whisper-large-v3 encoder (d 1280, 32 layers, ffn 5120)
-    # and Qwen-7B (hidden 4096, 32 layers, 32 KV heads, ffn 11008, vocab 156032).
-    d, ffn, layers = 1280, 5120, 32
-    encoder = (
-        128 * d * 3
-        + d
-        + d * d * 3
-        + d
-        + 1500 * d
-        + layers * (4 * d * d + 3 * d + 2 * d * ffn + ffn + d + 4 * d)
-        + 2 * d
-    )
-    h, inter, vocab = 4096, 11008, 156032
-    text = 32 * (4 * h * h + 3 * h + 3 * h * inter + 2 * h) + 2 * vocab * h + h
-    projector = d * h + h
+# Qwen/Qwen2-Audio-7B-Instruct's config.json as published. Its text_config
+# leaves the Qwen2 geometry (hidden 4096, 32 layers, 32 heads, 32 KV heads) to
+# transformers' Qwen2Config defaults.
+PUBLISHED_7B_CONFIG = {
+    "audio_config": {
+        "model_type": "qwen2_audio_encoder",
+        "num_mel_bins": 128,
+        "encoder_layers": 32,
+        "encoder_attention_heads": 20,
+        "encoder_ffn_dim": 5120,
+        "d_model": 1280,
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "max_source_positions": 1500,
+    },
+    "text_config": {
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 8192,
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000,
+        "sliding_window": 32768,
+        "torch_dtype": "bfloat16",
+        "use_mrope": False,
+        "vocab_size": 156032,
+    },
+    "audio_token_index": 151646,
+}
+
+
+def test_memory_estimate_for_qwen2_audio_7b_is_what_transformers_builds():
+    """The tool's parameter count and KV bytes per token for the 7B, against
+    numbers it does not compute: transformers' Qwen2-Audio model built from
+    the published config (on the meta device: shapes, no memory), its
+    parameters counted and its attention layers' K and V widths read."""
+    import torch
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(**PUBLISHED_7B_CONFIG))
+    parameters = sum(p.numel() for p in model.parameters())
+    # What the KV cache holds per token: each decoder layer's K and V, in bf16.
+    attention = [m for m in model.modules() if type(m).__name__ == "Qwen2Attention"]
+    kv_width = sum(a.k_proj.out_features + a.v_proj.out_features for a in attention)
+    bf16 = torch.empty(0, dtype=torch.bfloat16).element_size()
+
     est = tool.estimate_memory(tool.QWEN2_AUDIO_7B_CONFIG, "bfloat16")
-    assert est.parameters == encoder + text + projector == SEVEN_B_PARAMETERS
-    assert 8.3e9 < est.parameters < 8.5e9  # "8.4B" as published
-    assert est.weight_bytes == 2 * est.parameters
-    assert est.kv_bytes_per_token == 32 * 32 * 128 * 2 * 2 == 524288
+    assert est.parameters == parameters == SEVEN_B_PARAMETERS  # "8.4B" as published
+    assert est.weight_bytes == parameters * bf16
+    assert len(attention) == 32
+    assert est.kv_bytes_per_token == kv_width * bf16 == 512 * 2**10
 
 
-SEVEN_B_PARAMETERS = 8_397_094_912  # the sum above, for the tests below
+def test_parameter_count_of_a_checkpoint_is_what_it_stores(tiny_model):
+    """A checkpoint's own config.json (the tiny one: 1 KV head for 2 heads)
+    gives the number of parameters its safetensors files hold."""
+    from safetensors import safe_open
+
+    stored = 0
+    for path in tiny_model.glob("*.safetensors"):
+        with safe_open(path, "np") as weights:
+            for name in weights.keys():
+                stored += math.prod(weights.get_slice(name).get_shape())
+    config = json.loads((tiny_model / "config.json").read_text())
+    text = config["text_config"]
+    assert text["num_key_value_heads"] < text["num_attention_heads"]
+    assert tool.count_parameters(config) == stored
+
+
+SEVEN_B_PARAMETERS = 8_397_094_912  # transformers' count above, for the tests below
 GIB = 2**30
 
 

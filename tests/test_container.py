@@ -31,10 +31,12 @@ from helpers import (
     IN_PROCESS_ENGINE,
     ROOT,
     HeldAudioServer,
+    assert_each_id_once,
     cache_in_modelscope,
     one_error_line,
     tone,
     tracebacks_of_ours,
+    whole_records,
     write_demo_assets,
 )
 from reference import transformers_greedy_ids
@@ -313,9 +315,7 @@ def test_docker_stop_keeps_whole_lines_and_resume_in_a_new_container_finishes(
         held.release()
         assert proc.returncode == 143, stderr[-3000:]
         assert "interrupted by SIGTERM" in stderr and not tracebacks_of_ours(stderr)
-        data = out.read_bytes()
-        assert data.endswith(b"\n")
-        first = [json.loads(line) for line in data.splitlines()]
+        first = whole_records(out)
         assert 2 <= len(first) < len(ids)
         assert podman("container", "exists", name, home=home).returncode == 1  # --rm removed it
 
@@ -326,9 +326,7 @@ def test_docker_stop_keeps_whole_lines_and_resume_in_a_new_container_finishes(
     finally:
         held.close()
     assert final.returncode == 0, final.stderr[-3000:]
-    records = [json.loads(line) for line in out.read_bytes().splitlines()]
-    assert sorted(r["id"] for r in records) == ids
-    assert records[: len(first)] == first
+    records = assert_each_id_once(out, ids, kept=first)
     assert all("error" not in r for r in records)
 
 

@@ -126,7 +126,7 @@ def test_language_codes_are_bcp47_like(code):
 
 @pytest.mark.parametrize("code", ["english", "xx", "", "-en", "zh/cn"])
 def test_unknown_language_codes_are_refused_with_the_fix(code):
-    with pytest.raises(tool.InputError, match="ISO 639-1 code such as en, zh"):
+    with pytest.raises(tool.ExplainedError, match="ISO 639-1 code such as en, zh"):
         tool.check_language(code, "here")
 
 

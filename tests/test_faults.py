@@ -25,12 +25,14 @@ from helpers import (
     ROOT,
     SCRIPT,
     HeldAudioServer,
+    assert_each_id_once,
     line_count,
     start,
     tone,
     tracebacks_of_ours,
     user_env,
     wait_for_lines,
+    whole_records,
 )
 
 import run_qwen2_audio as tool
@@ -38,8 +40,10 @@ import run_qwen2_audio as tool
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 KILLS = 10
-# FAULT_SEED=n replays a failed run's kill moments (the seed is in the message).
-SEED = int(os.environ.get("FAULT_SEED", random.SystemRandom().randrange(10**6)))
+# The seed of the kill moments: drawn for each run (so that runs try other
+# moments) unless RQA_FAULT_SEED gives it. The test prints it first and every
+# failure names it: RQA_FAULT_SEED=n replays that run's kill schedule.
+SEED = int(os.environ.get("RQA_FAULT_SEED") or random.SystemRandom().randrange(10**6))
 
 
 def make_manifest(folder: Path, count: int, held: HeldAudioServer | None = None) -> list[str]:
@@ -114,14 +118,15 @@ def session_ends(session: int, within: float) -> bool:
     return True
 
 
-def check_complete_lines(out: Path) -> list[dict]:
-    """Every line of the output is a whole JSON record (nothing torn)."""
-    data = out.read_bytes()
-    assert not data or data.endswith(b"\n"), "last line torn"
-    return [json.loads(line) for line in data.splitlines()]
-
-
 def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, tmp_path, home):
+    print(f"kill schedule: RQA_FAULT_SEED={SEED} replays it")
+    try:
+        kill_ten_times_then_resume(tiny_model, tmp_path, home)
+    except Exception as exc:  # any failure, the helpers' asserts too, names the seed
+        raise AssertionError(f"RQA_FAULT_SEED={SEED} replays this kill schedule: {exc}") from exc
+
+
+def kill_ten_times_then_resume(tiny_model: Path, tmp_path: Path, home: Path) -> None:
     with HeldAudioServer() as held:
         ids = make_manifest(tmp_path, 64, held)
         out = tmp_path / "results.jsonl"
@@ -143,8 +148,8 @@ def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
             # A kill inside a write may leave a torn last line; resume drops it.
-            records = read_finished_lines(out)
-            assert len(records) == len(set(records)), f"duplicate after kill {kill} (seed {SEED})"
+            records = [r["id"] for r in whole_records(out, torn_tail=True)]
+            assert len(records) == len(set(records)), f"duplicate after kill {kill + 1}"
             print(
                 f"kill {kill + 1} (seed {SEED}): at {time.monotonic() - started:.1f} s, records "
                 f"{before} -> {len(records)}, torn tail: {not check_whole(out)}"
@@ -154,10 +159,10 @@ def test_ten_random_sigkills_then_resume_keep_every_id_exactly_once(tiny_model, 
         assert line_count(out) < len(ids) - 1, "the kills left no work for the resume"
 
         held.release()
+        kept = whole_records(out, torn_tail=True)
         final = finish(argv, home)
     assert final.returncode in (0, 1), final.stderr.decode()[-3000:]
-    records = check_complete_lines(out)
-    assert sorted(r["id"] for r in records) == sorted(ids), f"seed {SEED}"
+    records = assert_each_id_once(out, ids, kept)
     assert {r["id"] for r in records if "error" in r} == {"broken"}
 
 
@@ -171,17 +176,6 @@ def wait_for_moment(proc: subprocess.Popen, out: Path, seconds: float, lines: in
 
 def check_whole(out: Path) -> bool:
     return not out.exists() or out.read_bytes().endswith(b"\n") or out.stat().st_size == 0
-
-
-def read_finished_lines(out: Path) -> list[str]:
-    """Ids of the complete records, as --resume will count them."""
-    ids = []
-    for line in out.read_bytes().splitlines() if out.exists() else []:
-        try:
-            ids.append(json.loads(line)["id"])
-        except ValueError:
-            pass  # the torn tail of a killed write
-    return ids
 
 
 def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
@@ -214,7 +208,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
         assert not tracebacks_of_ours(stderr), stderr[-3000:]
         assert not any("[shutdown]" in line for line in lines[lines.index(message) :])
         assert session_ends(proc.pid, within=15), "engine processes left running"
-        after_term = check_complete_lines(out)
+        after_term = whole_records(out)
         assert [r["id"] for r in after_term] == ids[: ids.index("c03-held")]
 
         # Ctrl-C: SIGINT to the whole process group.
@@ -224,17 +218,15 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tiny_model, tmp_path, home):
         stderr = stop_and_release(proc, last)
         assert proc.returncode == 130, stderr[-3000:]
         assert "interrupted by SIGINT" in stderr and "--resume" in stderr.strip().splitlines()[-1]
-        after_int = check_complete_lines(out)
+        after_int = whole_records(out)
         assert [r["id"] for r in after_int] == after_term_ids_then(after_term, ids)
 
         final = finish(batch_argv(tmp_path, tiny_model, out, "--resume"), home)
     # 0: the requests of this run all succeeded ("broken" sorts first and
     # already has its error record from the first run).
     assert final.returncode == 0, final.stderr.decode()[-3000:]
-    records = check_complete_lines(out)
-    assert sorted(r["id"] for r in records) == ids
+    records = assert_each_id_once(out, ids, kept=after_int)  # what was written stays as it was
     assert [r["id"] for r in records if "error" in r] == ["broken"]
-    assert records[: len(after_int)] == after_int  # what was written stays as it was
 
 
 def after_term_ids_then(after_term: list[dict], ids: list[str]) -> list[str]:
@@ -253,23 +245,39 @@ def stop_and_release(proc: subprocess.Popen, held: HeldAudioServer) -> str:
 
 
 def test_a_signal_after_the_last_result_leaves_the_exit_code_alone(tiny_model, tmp_path, home):
-    """A SIGTERM while vLLM shuts down after the last record (a docker stop
-    that comes late) must not turn a finished run into a traceback: the run
-    exits with its own code (1 here: "broken" failed). Whenever the signal
-    lands, before the process ends or after, the outcome is the same."""
+    """A SIGTERM after the last record, while the run finishes (vLLM's
+    shutdown, the report: a docker stop that comes late), must not turn a
+    finished run into a traceback or an "interrupted": the run exits with its
+    own code (1 here: "broken" failed) and notes the signal.
+
+    The signal lands in that window every time. Not before it: it is sent
+    once the last record is in the output. Not after it: --report is a named
+    pipe, and the run, which writes its report after the last record and
+    vLLM's shutdown and only then settles its exit code, cannot open the
+    pipe before the test opens its other end, after the signal."""
     ids = make_manifest(tmp_path, 3)
-    out = tmp_path / "results.jsonl"
-    proc = start(batch_argv(tmp_path, tiny_model, out), home, layout={})
-    deadline = time.monotonic() + 300
-    while line_count(out) < len(ids) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # a no-op if it has exited already
-    stderr = proc.communicate(timeout=120)[1].decode()
+    out, report = tmp_path / "results.jsonl", tmp_path / "report.fifo"
+    os.mkfifo(report)
+    argv = batch_argv(tmp_path, tiny_model, out, "--report", str(report))
+    proc = start(argv, home, layout={})
+    try:
+        wait_for_lines(proc, out, len(ids))
+        assert proc.poll() is None, "the run ended before it wrote its report"
+        proc.send_signal(signal.SIGTERM)
+    finally:  # the run's report can go through now (also when the wait failed)
+        fifo = os.open(report, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        stderr = proc.communicate(timeout=120)[1].decode()
+        summary = os.read(fifo, 1 << 20)  # the report, whole in the pipe once the run ended
+    finally:
+        os.close(fifo)
     print(stderr.strip().splitlines()[-3:])
     assert proc.returncode == 1, stderr[-3000:]
     assert not tracebacks_of_ours(stderr) and "interrupted" not in stderr, stderr[-3000:]
-    assert sorted(r["id"] for r in check_complete_lines(out)) == sorted(ids)
+    assert "note: SIGTERM arrived after every result was written" in stderr, stderr[-3000:]
+    assert "the exit code is the run's (1)" in stderr
+    assert json.loads(summary)["failed"] == 1
+    assert_each_id_once(out, ids)
 
 
 def test_the_engine_dying_mid_run_exits_70_with_one_line_and_resume_finishes(
@@ -302,15 +310,13 @@ def test_the_engine_dying_mid_run_exits_70_with_one_line_and_resume_finishes(
         assert f"rerun the same command with --resume to finish {out}" in ours[0]
         traceback_file = Path(ours[0].rsplit("traceback in ", 1)[1])
         assert "Traceback" in traceback_file.read_text()
-        written = check_complete_lines(out)
+        written = whole_records(out)
         assert 2 <= len(written) < len(ids)
         assert session_ends(proc.pid, within=30), "processes left running"
 
         final = finish([*argv, "--resume"], home)
     assert final.returncode == 0, final.stderr.decode()[-3000:]
-    records = check_complete_lines(out)
-    assert sorted(r["id"] for r in records) == sorted(ids)
-    assert records[: len(written)] == written
+    assert_each_id_once(out, ids, kept=written)
 
 
 def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
@@ -325,7 +331,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
     full = finish(argv, home)
     stderr = full.stderr.decode()
     assert full.returncode == 74, stderr[-3000:]
-    written = check_complete_lines(out)  # intact: no torn line at the end
+    written = whole_records(out)  # intact: no torn line at the end
     assert 0 < len(written) < len(ids)
     assert stderr.strip().splitlines()[-1] == (
         f"error: --output {out}: write failed (No space left on device); the "
@@ -336,9 +342,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_what_was_written(
     filler.unlink()
     resumed = finish(argv, home)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
-    records = check_complete_lines(out)
-    assert sorted(r["id"] for r in records) == sorted(ids)
-    assert records[: len(written)] == written
+    assert_each_id_once(out, ids, kept=written)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "text"])

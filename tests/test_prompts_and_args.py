@@ -139,7 +139,7 @@ def test_model_hub_choice(exported, installed, model, chosen, tiny_model, monkey
 
 def test_modelscope_exported_for_a_hub_id_but_not_installed(monkeypatch):
     monkeypatch.setattr(tool.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(tool.InputError, match="pip install modelscope"):
+    with pytest.raises(tool.ExplainedError, match="pip install modelscope"):
         tool.choose_model_hub(tool.DEFAULT_MODEL, {"VLLM_USE_MODELSCOPE": "true"})
 
 

@@ -153,7 +153,7 @@ def test_full_disk_in_the_output_dir_leaves_whole_files_only(tiny_filesystem):
 
 def test_a_second_run_on_the_same_output_dir_refuses(tmp_path):
     first = tool.DirectoryWriter(tmp_path / "results", "srt")
-    with pytest.raises(tool.InputError, match="another run is writing to it"):
+    with pytest.raises(tool.ExplainedError, match="another run is writing to it"):
         tool.DirectoryWriter(tmp_path / "results", "srt")
     first.close(complete=True)
     tool.DirectoryWriter(tmp_path / "results", "srt").close(complete=True)  # free again
