@@ -289,7 +289,9 @@ def line_count(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def wait_for_lines(proc: subprocess.Popen, out: Path, count: int, timeout: float = 300) -> None:
+def wait_for_lines(proc: subprocess.Popen, out: Path, count: int, timeout: float = 1800) -> None:
+    """Until out holds count lines. The runs waited on hold a request, so they
+    cannot end first; the timeout only ends a hang, never times the machine."""
     deadline = time.monotonic() + timeout
     while line_count(out) < count:
         assert proc.poll() is None, "the run ended before the moment to interrupt it"

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.engine
 
 
 def make_batch(folder, held: HeldAudioServer) -> tuple[list[str], str]:
-    """20 clips, a corrupt file, a 75 s recording, and last (by id) a request
-    whose audio the server holds until released."""
+    """20 clips, a corrupt file, a 75 s recording, and, right after r02 (the
+    tool answers in id order), a request whose audio the server holds until
+    released."""
     lines = []
     for i in range(20):
         soundfile.write(folder / f"clip{i:02d}.wav", tone(1 + i % 3, 16000, 200 + 40 * i), 16000)
@@ -45,7 +46,7 @@ def make_batch(folder, held: HeldAudioServer) -> tuple[list[str], str]:
     lines.append({"id": "r10-corrupt", "audio": "corrupt.wav"})
     soundfile.write(folder / "long.wav", speech_like(75, PAUSES), 16000)
     lines.append({"id": "r11-long", "audio": "long.wav", "question": "Summarize."})
-    lines.append({"id": "zz-held", "audio": held.url})
+    lines.append({"id": "r02-held", "audio": held.url})
     (folder / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ids = [x["id"] for x in lines]
     return ids, str(folder / "jobs.jsonl")
@@ -122,20 +123,21 @@ def kill_after_three_records(
     as a kill inside a write leaves one. Returns the ids, the manifest and
     the whole records written before the kill.
 
-    The kill always lands mid-run: the last request ("zz-held") cannot be
-    answered before the server is released, after the kill, so the run can
-    neither finish nor write every record first, however fast it is."""
+    The kill lands at the same point on any machine: records are written in
+    id order and "r02-held" cannot be answered before the server is released,
+    after the kill, so the run holds exactly r00-r02 however fast it is (and
+    the corrupt clip's record, further on, is always left to the resume)."""
     ids, manifest = make_batch(tmp_path, held)
     out = tmp_path / "results.jsonl"
     proc = start(batch_argv(vllm, tiny_model, manifest, out), home, stderr=subprocess.DEVNULL)
     try:
-        wait_for_lines(proc, out, 3, timeout=400)
+        wait_for_lines(proc, out, 3)
     finally:  # also when the wait fails: no run left behind on the machine
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     written = whole_records(out, torn_tail=True)
-    assert 3 <= len(written) < len(ids)
+    assert [r["id"] for r in written] == ["r00", "r01", "r02"]
     with out.open("a") as f:
         f.write('{"id": "r19", "answ')  # what a kill inside a write leaves
     held.release()

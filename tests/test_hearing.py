@@ -277,12 +277,17 @@ def segments_the_tool_sends(path: Path, seconds: float) -> list[tuple[float, flo
     silent stretches left out as it leaves them out. The records and cues give
     times rounded to milliseconds (up to 8 samples off): these are exact."""
     clip = tool.decode_to_16k_mono(str(path), str(path))
-    expected, rate = soundfile.read(path, dtype="float32")
-    assert rate == hearing.RATE and np.array_equal(clip.samples, expected)
-    return [
-        (s.start_seconds, s.end_seconds, s.clips[0])
-        for s in tool.split_segments(clip, seconds, warnings=[])
-    ]
+    samples, rate = soundfile.read(path, dtype="float32")
+    assert rate == hearing.RATE and np.array_equal(clip.samples, samples)
+    sent = []
+    for segment in tool.split_segments(clip, seconds, warnings=[]):
+        begin, end = segment.start_seconds, segment.end_seconds
+        # Each piece is the file's samples between its own times, not the
+        # splitter's word for it: the CLI reports these times.
+        piece = samples[round(begin * hearing.RATE) : round(end * hearing.RATE)]
+        assert np.array_equal(segment.clips[0], piece), (path.name, begin, end)
+        sent.append((begin, end, piece))
+    return sent
 
 
 def answers_of_segments(reported: list[tuple[float, float, str]], sent: list[tuple]) -> list[str]:

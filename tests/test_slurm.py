@@ -21,6 +21,7 @@ from helpers import (
     IN_PROCESS_ENGINE,
     ROOT,
     SCRIPT,
+    HeldAudioServer,
     assert_each_id_once,
     tone,
     user_env,
@@ -125,28 +126,43 @@ def test_two_shards_answer_every_id_exactly_once(slurm, project, home, tiny_mode
 
 
 def test_cancelled_array_submitted_again_completes(slurm, project, home, tiny_model):
-    ids = write_manifest(project, 60)
-    # One request at a time, 32 tokens each: about half a minute of work per
-    # shard, so that both tasks are mid-run when the signal comes.
-    flags = ["--max-tokens", "32", "--chunk-size", "1", "--max-num-seqs", "1"]
-    job = submit(slurm, project, home, tiny_model, *flags)
-    # Cancel as a preemption does, once both tasks are writing results.
-    deadline = time.monotonic() + 600
-    while not all(shard_records(project).values()):
-        assert time.monotonic() < deadline and slurm.jobs(job), "the tasks never wrote"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env(), check=True)
-    slurm.wait_for_job(job)
+    ids = write_manifest(project, 12)
+    # Each shard's last request is held by a local server until the test
+    # releases it, after the cancel: both tasks are mid-run when the signal
+    # comes, however fast or loaded the machine.
+    held_ids = [
+        next(f"zz-held-{n}" for n in range(99) if tool.in_shard(f"zz-held-{n}", t, 2))
+        for t in (0, 1)
+    ]
+    with HeldAudioServer() as held:
+        with (project / "jobs.jsonl").open("a") as manifest:
+            for held_id in held_ids:
+                manifest.write(json.dumps({"id": held_id, "audio": held.url}) + "\n")
+        ids = sorted([*ids, *held_ids])
+        flags = ["--max-tokens", "4", "--url-timeout", "3600"]
+        job = submit(slurm, project, home, tiny_model, *flags)
+        # Cancel as a preemption does, once both tasks are writing results
+        # (the deadline only ends a hang: the held requests keep both running).
+        deadline = time.monotonic() + 1800
+        while not all(shard_records(project).values()):
+            assert time.monotonic() < deadline and slurm.jobs(job), "the tasks never wrote"
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env(), check=True)
+        slurm.wait_for_job(job)
+        held.release()
     partial = shard_records(project)
-    assert len(partial[0]) + len(partial[1]) < len(ids), "cancelled before the end"
     for task in (0, 1):  # exec: the signal reached the script, not just the shell
         assert "interrupted by SIGTERM" in task_log(project, job, task)
+        assert held_ids[task] not in [r["id"] for r in partial[task]]
 
     again = submit(slurm, project, home, tiny_model, *flags)
     slurm.wait_for_job(again)
+    shards = []
     for task in (0, 1):  # each shard's ids exactly once, its earlier lines kept
+        path = project / "out" / f"results.{task}.jsonl"
         shard = [i for i in ids if tool.in_shard(i, task, 2)]
-        assert_each_id_once(project / "out" / f"results.{task}.jsonl", shard, kept=partial[task])
+        shards += [r["id"] for r in assert_each_id_once(path, shard, kept=partial[task])]
+    assert sorted(shards) == ids, "every id in one shard or the other"
 
 
 def test_a_failing_task_is_visible_and_costs_the_other_shard_nothing(
