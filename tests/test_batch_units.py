@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from helpers import PAUSES, speech_like
+from helpers import PAUSES, PUBLISHED, speech_like
 
 import run_qwen2_audio as tool
 
@@ -127,59 +127,35 @@ def test_split_truncate_and_error_policies():
         tool.apply_long_audio_policy([clip], options, [])
 
 
-# Qwen/Qwen2-Audio-7B-Instruct's config.json as published. Its text_config
-# leaves the Qwen2 geometry (hidden 4096, 32 layers, 32 heads, 32 KV heads) to
-# transformers' Qwen2Config defaults.
-PUBLISHED_7B_CONFIG = {
-    "audio_config": {
-        "model_type": "qwen2_audio_encoder",
-        "num_mel_bins": 128,
-        "encoder_layers": 32,
-        "encoder_attention_heads": 20,
-        "encoder_ffn_dim": 5120,
-        "d_model": 1280,
-        "activation_function": "gelu",
-        "scale_embedding": False,
-        "max_source_positions": 1500,
-    },
-    "text_config": {
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "intermediate_size": 11008,
-        "max_position_embeddings": 8192,
-        "model_type": "qwen2",
-        "rms_norm_eps": 1e-05,
-        "rope_theta": 10000,
-        "sliding_window": 32768,
-        "torch_dtype": "bfloat16",
-        "use_mrope": False,
-        "vocab_size": 156032,
-    },
-    "audio_token_index": 151646,
-}
-
-
 def test_memory_estimate_for_qwen2_audio_7b_is_what_transformers_builds():
-    """The tool's parameter count and KV bytes per token for the 7B, against
-    numbers it does not compute: transformers' Qwen2-Audio model built from
-    the published config (on the meta device: shapes, no memory), its
-    parameters counted and its attention layers' K and V widths read."""
+    """The tool's parameter count and KV bytes per token for the 7B, from the
+    config.json as published (its text_config leaves the Qwen2 geometry to
+    transformers' defaults), against transformers' model built from it on the
+    meta device: its attention layers' K and V widths, and "8.4B" as the
+    model card says."""
     import torch
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    from transformers import AutoConfig, Qwen2AudioForConditionalGeneration
 
+    published = PUBLISHED / "Qwen2-Audio-7B-Instruct"
     with torch.device("meta"):
-        model = Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(**PUBLISHED_7B_CONFIG))
-    parameters = sum(p.numel() for p in model.parameters())
-    # What the KV cache holds per token: each decoder layer's K and V, in bf16.
+        model = Qwen2AudioForConditionalGeneration(AutoConfig.from_pretrained(published))
     attention = [m for m in model.modules() if type(m).__name__ == "Qwen2Attention"]
     kv_width = sum(a.k_proj.out_features + a.v_proj.out_features for a in attention)
-    bf16 = torch.empty(0, dtype=torch.bfloat16).element_size()
-
-    est = tool.estimate_memory(tool.QWEN2_AUDIO_7B_CONFIG, "bfloat16")
-    assert est.parameters == parameters == SEVEN_B_PARAMETERS  # "8.4B" as published
-    assert est.weight_bytes == parameters * bf16
     assert len(attention) == 32
-    assert est.kv_bytes_per_token == kv_width * bf16 == 512 * 2**10
+
+    for facts in (tool.read_model_facts(published), tool.read_model_facts(None)):
+        assert facts.parameters == SEVEN_B_PARAMETERS
+        assert facts.dtype == "bfloat16"
+        assert facts.kv_values_per_token == kv_width
+        [line] = tool.memory_estimate_lines(facts, {"dtype": "auto"}, None, None)[:1]
+        assert "weights 8,397,094,912 params (8.40 B) x 2 B = 15.64 GiB" in line
+        assert line.endswith("KV cache 512 KiB/token")
+
+
+def test_the_config_a_dry_run_plans_with_before_a_download_is_the_published_one():
+    published = json.loads((PUBLISHED / "Qwen2-Audio-7B-Instruct/config.json").read_text())
+    published.pop("transformers_version", None)
+    assert tool.PUBLISHED_CONFIG == published
 
 
 def test_parameter_count_of_a_checkpoint_is_what_it_stores(tiny_model):
@@ -192,13 +168,18 @@ def test_parameter_count_of_a_checkpoint_is_what_it_stores(tiny_model):
         with safe_open(path, "np") as weights:
             for name in weights.keys():
                 stored += math.prod(weights.get_slice(name).get_shape())
-    config = json.loads((tiny_model / "config.json").read_text())
-    text = config["text_config"]
+    text = json.loads((tiny_model / "config.json").read_text())["text_config"]
     assert text["num_key_value_heads"] < text["num_attention_heads"]
-    assert tool.count_parameters(config) == stored
+    facts = tool.read_model_facts(tiny_model)
+    assert facts.parameters == stored
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert facts.kv_values_per_token == (
+        text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2
+    )
 
 
-SEVEN_B_PARAMETERS = 8_397_094_912  # transformers' count above, for the tests below
+SEVEN_B_PARAMETERS = 8_397_094_912  # "8.4B params" on the model card
+SEVEN_B = tool.read_model_facts(PUBLISHED / "Qwen2-Audio-7B-Instruct")
 GIB = 2**30
 
 
@@ -219,7 +200,7 @@ def test_fit_follows_vllms_rule_by_hand(device_gib, kv_tokens, at_once):
     largest_request = 780 + 64  # a 30 s clip's prompt + the tutorial's max_tokens
     assert at_once == kv_tokens // largest_request
     lines = tool.memory_estimate_lines(
-        tool.QWEN2_AUDIO_7B_CONFIG, tool.engine_kwargs(), device_gib * GIB, largest_request
+        SEVEN_B, tool.engine_kwargs(), device_gib * GIB, largest_request
     )
     assert f"x gpu_memory_utilization 0.8 = {usable / GIB:.2f} GiB usable" in lines[1]
     assert f"= {kv_tokens:,} tokens" in lines[1]
@@ -234,11 +215,11 @@ def test_fit_follows_vllms_rule_by_hand(device_gib, kv_tokens, at_once):
 def test_fit_refuses_what_vllm_would_refuse(capsys):
     # 20 GiB x 0.8 = 16 GiB: 0.36 GiB left after the weights, 735 tokens < 4096.
     kwargs = tool.engine_kwargs()
-    lines = tool.memory_estimate_lines(tool.QWEN2_AUDIO_7B_CONFIG, kwargs, 20 * GIB, 844)
+    lines = tool.memory_estimate_lines(SEVEN_B, kwargs, 20 * GIB, 844)
     assert "= 735 tokens" in lines[1] and lines[2].endswith("WILL NOT START")
     assert "vLLM will refuse to start" in capsys.readouterr().err
     tp2 = tool.engine_kwargs(tensor_parallel_size=2)
-    lines = tool.memory_estimate_lines(tool.QWEN2_AUDIO_7B_CONFIG, tp2, 20 * GIB, 844)
+    lines = tool.memory_estimate_lines(SEVEN_B, tp2, 20 * GIB, 844)
     # Per device: half the weights and half of each token's KV heads.
     assert f"= {int((16 * GIB - SEVEN_B_PARAMETERS) // 262144):,} tokens" in lines[1]
     assert lines[2].endswith("fits, vLLM will start")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import jiwer
 import pytest
@@ -16,6 +15,7 @@ from helpers import (
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     PAUSES,
+    base_model_copy,
     load_json_output,
     one_error_line,
     read_jsonl,
@@ -273,26 +273,14 @@ def test_raw_prompts_are_split_budgeted_and_checked_like_chat_ones(tiny_model, t
     assert "chat control token" in str(tool.prepare_request(sneaky, options, count).error)
 
 
-def base_model_copy(tiny_model, folder):
-    """The checkpoint as the base model ships: no chat template anywhere."""
-    base = folder / "base"
-    shutil.copytree(tiny_model, base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    (base / "chat_template.json").unlink(missing_ok=True)
-    for name in ("tokenizer_config.json", "processor_config.json"):
-        config = json.loads((base / name).read_text())
-        config.pop("chat_template", None)
-        (base / name).write_text(json.dumps(config))
-    return base
-
-
 def test_auto_prompt_format_is_raw_for_a_checkpoint_without_chat_template(
     tiny_model, clips, home, tmp_path
 ):
     base = base_model_copy(tiny_model, tmp_path)
-    assert tool.choose_prompt_format("auto", tiny_model) == "chat"
-    assert tool.choose_prompt_format("auto", base) == "raw"
-    assert tool.choose_prompt_format("auto", None) == "chat"  # not downloaded yet
+    assert tool.choose_prompt_format("auto", tool.read_model_facts(tiny_model)) == "chat"
+    assert tool.choose_prompt_format("auto", tool.read_model_facts(base)) == "raw"
+    not_downloaded = tool.read_model_facts(None)  # the default model's published config
+    assert tool.choose_prompt_format("auto", not_downloaded) == "chat"
     result = run_cli(
         "--model", base, "--audio", clips["b.mp3"], "--question", QUESTION, "--dry-run", home=home
     )

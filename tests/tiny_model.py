@@ -1,60 +1,39 @@
 """A tiny Qwen2-Audio checkpoint with the real architecture and random weights.
 
-No model can be downloaded in CI, and the real one is 16 GB; this one is about
-1 MB and loads in vLLM as Qwen2AudioForConditionalGeneration and in
-transformers alike, so both engines can be compared token for token.
+No model can be downloaded in CI, and the real one is 16 GB; this one (about
+160 MB, nearly all of it the embeddings of the real vocabulary) loads in vLLM
+as Qwen2AudioForConditionalGeneration and in transformers alike, so both
+engines can be compared token for token. Its tokenizer is the published one
+(tests/published.py): prompts are counted as the real model counts them.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-]
+import published
 
-CORPUS = [
-    "You are a helpful assistant.",
-    "What is recited in the audio?",
-    "What sport and what nursery rhyme are referenced?",
-    "What is said in the audio? Describe the audio in detail.",
-    "Mary had a little lamb, its fleece was white as snow.",
-    "And the winning call: it's a home run, the crowd goes wild!",
-    "system user assistant Audio 1: 2: 3: 4: 5:",
-    "The quick brown fox jumps over the lazy dog 0123456789.",
-]
-
+# Qwen2-Audio's added tokens; the speech model's own small tokenizer
+# (tests/speech_model.py) uses them too.
+SPECIAL_TOKENS = list(published.ADDED_TOKENS)
 
 WEIGHT_STD = 0.2
 PROJECTOR_STD = 1.0
 
 
 def build_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Qwen2-Audio-7B-Instruct's tokenizer as published: the real Qwen2
+    vocabulary and the published tokenizer_config.json (its chat template)."""
+    from transformers import AutoTokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.save_pretrained(directory)
-    return fast
+    directory.mkdir(parents=True, exist_ok=True)
+    published.write_tokenizer(directory)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        source = published.FIXTURES / published.INSTRUCT / name
+        if source.exists():
+            shutil.copy(source, directory / name)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def build_tiny_qwen2_audio(directory: Path) -> Path:
@@ -69,7 +48,7 @@ def build_tiny_qwen2_audio(directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
-    vocab_size = 512  # > trained vocab; the extra rows are never produced by text
+    vocab_size = published.VOCAB_SIZE  # the published embedding rows
     config = Qwen2AudioConfig(
         audio_config={
             "model_type": "qwen2_audio_encoder",
@@ -105,10 +84,11 @@ def build_tiny_qwen2_audio(directory: Path) -> Path:
         # the first token on: a wrong audio path in vLLM then shows at once.
         for parameter in model.model.multi_modal_projector.parameters():
             parameter.normal_(0.0, PROJECTOR_STD)
-        # Silence the special tokens' logits: random weights would otherwise
-        # often pick <|im_end|> first and end every answer after one token,
-        # which would make the token-for-token comparison trivial.
-        model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
+        # Silence the logits of the added tokens and of the rows no token
+        # uses: random weights would otherwise pick <|im_end|> first now and
+        # then and end an answer after one token, which would make the
+        # token-for-token comparison trivial.
+        model.lm_head.weight[published.FIRST_ADDED_ID :] = 0.0
     config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     save_published_weights(model, directory)
@@ -121,12 +101,6 @@ def build_tiny_qwen2_audio(directory: Path) -> Path:
     )
     Qwen2AudioProcessor(extractor, tokenizer).save_pretrained(directory)
     return directory
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(build_tiny_qwen2_audio(Path(sys.argv[1])))
 
 
 def save_published_weights(model, directory: Path) -> None:
@@ -143,3 +117,9 @@ def save_published_weights(model, directory: Path) -> None:
             name = "language_model.lm_head.weight"
         state[name] = tensor.detach().contiguous()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_qwen2_audio(Path(sys.argv[1])))

@@ -1,0 +1,175 @@
+"""Each decision is made once, and what the user gave wins: the model in a
+--config file, an explicit engine flag where vLLM's default is None, the
+prompt format of a hub model in the local cache, the engine's own
+max_model_len, values out of range, and one rule for failed requests in every
+output mode. Each test here failed on the code before issue 27."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import huggingface_hub.constants
+import pytest
+import soundfile
+from helpers import (
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    ROOT,
+    base_model_copy,
+    cache_in_hugging_face_hub,
+    one_error_line,
+    run_cli,
+    tone,
+)
+
+import run_qwen2_audio as tool
+
+
+def engine_arguments(stdout: str) -> dict:
+    return json.loads(stdout.split("# engine arguments\n")[1].split("\n#")[0])
+
+
+def test_a_model_and_engine_flags_in_a_config_file_count_and_the_command_line_wins(
+    tiny_model, clips, home, tmp_path, vllm
+):
+    """vLLM's --config YAML: its model is the one checked and loaded (not the
+    default hub id), its engine flags reach LLM(...), and a flag on the
+    command line wins over the file; --no-enable-prefix-caching is kept
+    although vLLM's default (None) is falsy too."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model}\nmax-num-seqs: 3\nmax_model_len: 2048\n")
+    result = run_cli(
+        "--config",
+        config,
+        "--dry-run",
+        "--audio",
+        clips["a.wav"],
+        "--max-model-len",
+        "1024",
+        "--no-enable-prefix-caching",
+        home=home,
+        python=vllm,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = engine_arguments(result.stdout)
+    assert engine["model"] == str(tiny_model)
+    assert engine["max_num_seqs"] == 3
+    assert engine["max_model_len"] == 1024
+    assert engine["enable_prefix_caching"] is False
+    # The local tokenizer counted the prompt: the model was found before loading.
+    assert "prompt tokens" in result.stdout and "of max_model_len 1024" in result.stdout
+
+
+def test_a_flag_equal_to_vllms_default_is_left_to_vllm():
+    parser = tool.build_parser()
+    args = parser.parse_args(["--enable-prefix-caching", "--seed", "0"])
+    chosen = tool.engine_flags(args, parser)
+    assert chosen["enable_prefix_caching"] is True
+    assert "seed" not in chosen  # vLLM's default is 0: the same call either way
+    assert "seed" not in tool.engine_kwargs(seed=0)
+
+
+def test_values_out_of_range_are_refused_not_clamped(home, clips):
+    result = run_cli("--dry-run", "--audio", clips["a.wav"], "--url-timeout", "-5", home=home)
+    assert one_error_line(result) == "error: --url-timeout -5: must be above 0"
+    for field, flag in [
+        ("max_audio_bytes", "--max-audio-mb"),
+        ("chunk_size", "--chunk-size"),
+        ("decode_workers", "--decode-workers"),
+        ("url_timeout", "--url-timeout"),
+    ]:
+        for value in (0, -1, math.nan):
+            with pytest.raises(tool.ExplainedError, match=f"^{flag} .*: must be above 0$"):
+                tool.Options(**{field: value})
+
+
+def test_the_prompt_format_of_a_hub_model_in_the_cache_is_its_own(
+    tiny_model, tmp_path, monkeypatch
+):
+    """What answer_requests reads when the engine was given a hub id: the
+    cached base model (no chat template) gets raw prompts, not chat ones."""
+    base = base_model_copy(tiny_model, tmp_path)
+    cache_in_hugging_face_hub(base, tmp_path / "home", "Qwen/Qwen2-Audio-7B")
+    cache = tmp_path / "home/.cache/huggingface/hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("VLLM_USE_MODELSCOPE", "False")
+    directory = tool.checkpoint_directory("Qwen/Qwen2-Audio-7B")
+    assert directory is not None and directory.is_relative_to(cache)
+    assert tool.choose_prompt_format("auto", tool.read_model_facts(directory)) == "raw"
+
+
+def test_the_budget_is_the_engines_unless_one_is_given(tiny_model, tmp_path):
+    """A library caller's Options do not carry a limit of their own: the
+    engine's max_model_len (8192 here or any) decides, not a copied 4096."""
+    long_question = "word " * 5000
+    soundfile.write(tmp_path / "a.wav", tone(1, 16000), 16000)
+    request = tool.AudioRequest(id="q", audio=[str(tmp_path / "a.wav")], question=long_question)
+    count = tool.load_tokenizer_counter(tiny_model, False)
+    assert tool.prepare_request(request, tool.Options(), count).error is None
+    limited = tool.prepare_request(request, tool.Options(max_model_len=4096), count)
+    assert "--max-model-len is 4096" in str(limited.error)
+
+
+@pytest.mark.engine
+def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
+    tiny_model, clips, home, tmp_path
+):
+    """--output-dir: the error record goes to errors/ID.json; --resume skips
+    it as it skips an error line of --output; --retry-errors asks again, and a
+    success removes the error file."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not audio")
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "good", "audio": str(clips["a.wav"])})
+        + "\n"
+        + json.dumps({"id": "bad", "audio": str(broken)})
+        + "\n"
+    )
+    out = tmp_path / "results"
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            "--model",
+            tiny_model,
+            "--manifest",
+            manifest,
+            "--output-dir",
+            out,
+            "--max-tokens",
+            "2",
+            *flags,
+            *CPU_ENGINE_FLAGS,
+            home=home,
+            env=IN_PROCESS_ENGINE,
+        )
+
+    first = run()
+    assert first.returncode == 1, first.stderr[-3000:]
+    error = json.loads((out / "errors/bad.json").read_text())
+    assert error["id"] == "bad" and error["error"]["type"] == "audio_decode_error"
+    assert sorted(p.name for p in out.iterdir()) == ["errors", "good.json"]
+
+    skipped = run("--resume")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "nothing to do: all 2 request(s)" in skipped.stderr
+
+    soundfile.write(broken, tone(1, 16000), 16000, format="WAV")
+    retried = run("--resume", "--retry-errors")
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert "1 ok, 0 failed, 1 skipped" in retried.stderr
+    assert json.loads((out / "bad.json").read_text())["answers"]
+    assert not (out / "errors/bad.json").exists()
+
+
+def test_the_tiny_checkpoint_builder_runs_as_a_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/tiny_model.py"), str(tmp_path / "tiny")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "tiny/model.safetensors").is_file()
