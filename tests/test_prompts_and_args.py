@@ -214,7 +214,11 @@ def test_readme_graph_mode_flags_reach_the_engine(clips, home, vllm):
 
 
 def test_library_options_default_to_the_clis():
-    assert tool.options_from_args(tool.build_parser().parse_args([])) == tool.Options()
+    """All but the token budget: the CLI checks it against the --max-model-len
+    it gives the engine; the library's default is the engine's own."""
+    cli = tool.options_from_args(tool.build_parser().parse_args([]))
+    assert cli.max_model_len == 4096 and tool.Options().max_model_len is None
+    assert tool.dataclasses.replace(cli, max_model_len=None) == tool.Options()
 
 
 @pytest.mark.parametrize(
