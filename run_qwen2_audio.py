@@ -148,14 +148,18 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 def config_file_flags(path: str) -> list[str]:
     """A --config YAML file's scalar keys as flags, as vLLM's parser reads
-    them; [] where it cannot be read (vLLM's parser then says why)."""
+    them (lists and mappings are not read here: no early flag takes one)."""
     try:
         import yaml  # PyYAML: a dependency of vLLM
-
-        with open(path) as file:
+    except ImportError:
+        return []  # no vLLM either: that is what the run reports
+    try:
+        with open(os.path.expanduser(path)) as file:
             config = yaml.safe_load(file)
-    except Exception:
-        return []
+    except (OSError, yaml.YAMLError) as exc:
+        raise ExplainedError(
+            f"--config {path}: cannot read it ({summary_of(exc)}); give a YAML file of flags"
+        )
     flags: list[str] = []
     for key, value in (config if isinstance(config, dict) else {}).items():
         flag = "--" + str(key).replace("_", "-")
@@ -478,7 +482,8 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
         "--output-dir",
         type=Path,
         help="one file per request, named after its id, in --output-format "
-        "(default json); --resume skips ids whose file exists",
+        "(default json); a failed one's error record in errors/ID.json; --resume "
+        "skips both, --retry-errors retries the failed",
     )
     output.add_argument(
         "--dry-run",
@@ -520,7 +525,7 @@ def print_help_without_engine(problem: ExplainedError) -> None:
 @dataclasses.dataclass
 class Options:
     """How requests are read, checked and prompted; every default is the
-    CLI's (a test holds them equal)."""
+    CLI's (a test holds them equal) but max_model_len: None is the engine's."""
 
     question: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -537,16 +542,16 @@ class Options:
     decode_workers: int = 2
 
     def __post_init__(self) -> None:
-        positive = {
+        positive: dict[str, float] = {
             "--url-timeout": self.url_timeout,
             "--max-audio-mb": self.max_audio_bytes,
             "--chunk-size": self.chunk_size,
             "--decode-workers": self.decode_workers,
         }
         for flag, value in positive.items():
-            if not value > 0:  # also NaN
+            if not (value > 0 and math.isfinite(value)):
                 shown = value / 2**20 if flag == "--max-audio-mb" else value
-                raise ExplainedError(f"{flag} {shown:g}: must be above 0")
+                raise ExplainedError(f"{flag} {shown:g}: must be a number above 0")
         if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
             raise ExplainedError(
                 f"--segment-seconds {self.segment_seconds}: must be between "
@@ -560,6 +565,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
     chunk_size = args.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(args.max_num_seqs)
+    if not (args.max_audio_mb > 0 and math.isfinite(args.max_audio_mb)):
+        raise ExplainedError(f"--max-audio-mb {args.max_audio_mb:g}: must be a number above 0")
+    # vLLM reads --max-model-len auto (or -1) as "the model's own limit".
+    max_model_len = args.max_model_len if args.max_model_len and args.max_model_len > 0 else None
     return Options(
         question=args.question,
         system_prompt=args.system_prompt,
@@ -569,7 +578,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         segment_seconds=args.segment_seconds,
         url_timeout=args.url_timeout,
         max_audio_bytes=int(args.max_audio_mb * 1024 * 1024),
-        max_model_len=args.max_model_len,
+        max_model_len=max_model_len,
         max_tokens=args.max_tokens,
         chunk_size=chunk_size,
         decode_workers=args.decode_workers,
@@ -1451,10 +1460,12 @@ class ModelSource:
     directory: Path | None = None  # its checkpoint here; None: vLLM downloads it
     hub_unreachable: str | None = None  # why the engine must use the cached copy
 
+    local: bool = False  # name is a directory (vLLM does not expand "~")
+
     def for_engine(self) -> str:
         # With no hub to ask, vLLM would retry for minutes before using its
         # cache; the cached directory itself needs no hub at all.
-        return str(self.directory) if self.hub_unreachable else self.name
+        return str(self.directory) if self.hub_unreachable or self.local else self.name
 
 
 def locate_model(model: str) -> ModelSource:
@@ -1479,7 +1490,7 @@ def locate_model(model: str) -> ModelSource:
                 f"--model {model}: no weights (*.safetensors) in it; copy the whole "
                 "checkpoint directory"
             )
-        return ModelSource(model, path)
+        return ModelSource(model, path, local=True)
     cached = cached_snapshot(model)
     hub, cache, download = hub_facts(model)
     if hub_offline():
@@ -1695,13 +1706,16 @@ def answer_requests(
     try:
         if options.prompt_format == "auto":  # the engine's checkpoint decides
             llm = llm if hasattr(llm, "generate") else llm()
-            facts = read_model_facts(checkpoint_directory(llm.llm_engine.model_config.model))
-            chosen = choose_prompt_format("auto", facts)
+            model_config = llm.llm_engine.model_config
+            model_dir = checkpoint_directory(model_config.model)
+            remote = bool(getattr(model_config, "trust_remote_code", False))
+            chosen = choose_prompt_format("auto", read_model_facts(model_dir, remote))
             options = dataclasses.replace(options, prompt_format=chosen)
         decode_ahead()
         llm = llm if hasattr(llm, "generate") else llm()
-        engine_limit = llm.llm_engine.model_config.max_model_len
-        options = dataclasses.replace(options, max_model_len=engine_limit)
+        if options.max_model_len is None:  # the engine's own limit
+            engine_limit = getattr(llm.llm_engine.model_config, "max_model_len", None)
+            options = dataclasses.replace(options, max_model_len=engine_limit)
         feeder = EngineFeeder(llm, params, options)
         while ahead or feeder.in_flight:
             # Admit in request order; wait for audio only when the engine has
@@ -2447,6 +2461,8 @@ class DirectoryWriter:
     def write(self, record: dict[str, Any]) -> None:
         if "error" in record:
             self.write_file(self.error_path(record["id"]), render("json", record))
+            with contextlib.suppress(OSError):  # an earlier run's answer is not this run's
+                self.path(record["id"]).unlink(missing_ok=True)
             return
         self.write_file(self.path(record["id"]), render(self.fmt, record))
         with contextlib.suppress(OSError):
@@ -2748,13 +2764,13 @@ def dry_run(
         for i, seg in enumerate(prepared.segments):
             audio = [audio_token_count(len(s)) for s in seg.clips]
             total = prepared.prompt_tokens[i] if prepared.prompt_tokens else None
+            limit = options.max_model_len or facts.max_positions  # auto: the model's
             largest_prompt = max(largest_prompt, total if total is not None else sum(audio))
             out.write(
                 f"# segment {i} [{seg.start_seconds:.2f}-{seg.end_seconds:.2f} s]: "
                 f"audio tokens {audio} (25/s, <= {MAX_AUDIO_TOKENS_PER_CLIP} per clip)"
                 + (
-                    f", prompt tokens {total} of max_model_len "
-                    f"{options.max_model_len}; {options.max_model_len - total} left "
+                    f", prompt tokens {total} of max_model_len {limit}; {limit - total} left "
                     f"for output (max_tokens {options.max_tokens})"
                     if total is not None
                     else " (text tokens not counted: the tokenizer is not local)"
@@ -2779,9 +2795,9 @@ def dry_run(
 # Memory estimate (for --dry-run)
 # --------------------------------------------------------------------------
 
-# Qwen2-Audio-7B-Instruct's config.json as published (tests/fixtures/published
-# holds the file and its source), for a --dry-run before the model is
-# downloaded. Its text_config leaves the Qwen2 geometry (hidden size, layers,
+# Qwen2-Audio-7B-Instruct's config.json as published (rebuilt from public
+# copies: tests/fixtures/published/SOURCES.md), for a --dry-run before the
+# model is downloaded. Its text_config leaves the Qwen2 geometry (hidden size, layers,
 # heads) to transformers' defaults, which is why it is read through transformers.
 PUBLISHED_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen2AudioForConditionalGeneration"],
@@ -2825,6 +2841,7 @@ class ModelFacts:
 
     config: Any  # transformers' config object
     kv_values_per_token: int  # K and V of every layer and KV head
+    max_positions: int  # what --max-model-len auto gives
     dtype: str  # the checkpoint's own: what --dtype auto loads
     chat_template: bool  # Instruct checkpoints ship one, the base model none
     published: bool = False  # not on disk: Qwen2-Audio-7B-Instruct's published config
@@ -2841,8 +2858,12 @@ class ModelFacts:
         model_class = getattr(transformers, architecture, None)
         if model_class is None:
             return None
-        with torch.device("meta"):
-            model = model_class(self.config)
+        try:
+            with torch.device("meta"):
+                model = model_class(self.config)
+        except Exception as exc:  # an estimate: never worth a failed --dry-run
+            log(f"warning: cannot count the parameters ({summary_of(exc)})")
+            return None
         return sum(p.numel() for p in model.parameters())
 
 
@@ -2860,6 +2881,7 @@ def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) ->
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         kv_values = text.num_hidden_layers * kv_heads * head_dim * 2
+        max_positions = text.max_position_embeddings
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise ExplainedError(
             f"--model {model_dir}: cannot read its config.json ({summary_of(exc)}); "
@@ -2870,7 +2892,7 @@ def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) ->
         (
             getattr(c, name, None)
             for c in (config, text)
-            for name in ("torch_dtype", "dtype")
+            for name in ("dtype", "torch_dtype")
             if getattr(c, name, None)
         ),
         "bfloat16",
@@ -2878,6 +2900,7 @@ def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) ->
     return ModelFacts(
         config=config,
         kv_values_per_token=kv_values,
+        max_positions=max_positions,
         dtype=str(dtype).removeprefix("torch."),
         chat_template=model_dir is None or has_chat_template(model_dir),
         published=model_dir is None,
@@ -2929,16 +2952,18 @@ def memory_estimate_lines(
         dtype = facts.dtype
     size = DTYPE_BYTES.get(dtype, 2)
     max_model_len, max_num_seqs = setting("max_model_len"), setting("max_num_seqs")
+    if not max_model_len or max_model_len < 0:  # auto: the model's own limit
+        max_model_len = facts.max_positions
     utilization = setting("gpu_memory_utilization")
     tp = max(1, int(setting("tensor_parallel_size") or 1))
     gib = 2**30
     kv_bytes_per_token = facts.kv_values_per_token * size
-    source = " (Qwen2-Audio-7B-Instruct's published config)" if facts.published else ""
+    source = " (Qwen2-Audio-7B-Instruct's config: not on disk yet)" if facts.published else ""
     parameters = facts.parameters
     if parameters is None:
         return [
             f"memory estimate ({dtype}){source}: KV cache {kv_bytes_per_token / 2**10:.0f} "
-            "KiB/token; weights unknown (transformers has no class for this checkpoint)"
+            "KiB/token; weights unknown (transformers cannot build this checkpoint's model)"
         ]
     weight_bytes = parameters * size
     weights = weight_bytes / tp
@@ -3272,9 +3297,10 @@ def main(argv: list[str] | None = None) -> int:
     STOP_SIGNALS.install()
     quiet_resource_tracker()
     argv = sys.argv[1:] if argv is None else argv
-    early = early_arguments(argv)
+    early = argparse.Namespace(debug="--debug" in argv)  # until early_arguments has read it
     args = None
     try:
+        early = early_arguments(argv)
         set_environment_defaults(early.model)
         if early.help and not engine_importable():
             return EXIT_OK

@@ -2,7 +2,9 @@
 --config file, an explicit engine flag where vLLM's default is None, the
 prompt format of a hub model in the local cache, the engine's own
 max_model_len, values out of range, and one rule for failed requests in every
-output mode. Each test here failed on the code before issue 27."""
+output mode. Each behaviour here was wrong before issue 27 (the CLI cases were
+run on the old script: the config's model and --no-enable-prefix-caching were
+dropped, --url-timeout -5 was accepted)."""
 
 from __future__ import annotations
 
@@ -74,19 +76,67 @@ def test_a_flag_equal_to_vllms_default_is_left_to_vllm():
 
 def test_values_out_of_range_are_refused_not_clamped(home, clips):
     result = run_cli("--dry-run", "--audio", clips["a.wav"], "--url-timeout", "-5", home=home)
-    assert one_error_line(result) == "error: --url-timeout -5: must be above 0"
+    assert one_error_line(result) == "error: --url-timeout -5: must be a number above 0"
     for field, flag in [
         ("max_audio_bytes", "--max-audio-mb"),
         ("chunk_size", "--chunk-size"),
         ("decode_workers", "--decode-workers"),
         ("url_timeout", "--url-timeout"),
     ]:
-        for value in (0, -1, math.nan):
-            with pytest.raises(tool.ExplainedError, match=f"^{flag} .*: must be above 0$"):
+        for value in (0, -1, math.nan, math.inf):
+            with pytest.raises(tool.ExplainedError, match=f"^{flag} .*: must be a number above 0$"):
                 tool.Options(**{field: value})
+    parser = tool.build_parser()
+    for value in ("nan", "inf", "0"):
+        args = parser.parse_args(["--max-audio-mb", value])
+        with pytest.raises(tool.ExplainedError, match=f"^--max-audio-mb {value}: must be a number"):
+            tool.options_from_args(args)
 
 
-def test_the_prompt_format_of_a_hub_model_in_the_cache_is_its_own(
+def test_max_model_len_auto_is_the_models_own_limit(tiny_model, clips, home):
+    """vLLM's --max-model-len auto (-1): no limit of our own; a dry run shows
+    the model's max_position_embeddings, which vLLM then uses."""
+    args = tool.build_parser().parse_args(["--max-model-len", "auto"])
+    assert tool.options_from_args(args).max_model_len is None
+    result = run_cli(
+        "--model",
+        tiny_model,
+        "--dry-run",
+        "--audio",
+        clips["a.wav"],
+        "--max-model-len",
+        "auto",
+        home=home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "of max_model_len 4096;" in result.stdout  # the tiny model's 4096 positions
+
+
+def test_an_unreadable_config_file_is_named(home):
+    result = run_cli("--config", "no-such.yaml", "--dry-run", home=home)
+    assert one_error_line(result).startswith("error: --config no-such.yaml: cannot read it (")
+
+
+def test_a_model_directory_under_home_reaches_the_engine_expanded(tiny_model, monkeypatch):
+    """vLLM does not expand "~" (a --config value is never shell-expanded):
+    it would take the string for a hub id."""
+    monkeypatch.setenv("HOME", str(tiny_model.parent))
+    source = tool.locate_model(f"~/{tiny_model.name}")
+    assert source.for_engine() == str(tiny_model)
+
+
+def test_an_error_replaces_an_earlier_answer_of_the_same_id(tmp_path):
+    """Without --resume a new run's records replace the old ones: a request
+    answered before and failing now leaves its error, not the old answer."""
+    writer = tool.DirectoryWriter(tmp_path / "out", "json")
+    writer.write({"id": "a", "answers": ["old"]})
+    writer.write({"id": "a", "error": {"type": "audio_decode_error", "message": "bad"}})
+    writer.close(complete=True)
+    assert not (tmp_path / "out/a.json").exists()
+    assert (tmp_path / "out/errors/a.json").exists()
+
+
+def test_a_hub_model_in_the_cache_resolves_to_its_own_prompt_format(
     tiny_model, tmp_path, monkeypatch
 ):
     """What answer_requests reads when the engine was given a hub id: the
@@ -102,8 +152,9 @@ def test_the_prompt_format_of_a_hub_model_in_the_cache_is_its_own(
 
 
 def test_the_budget_is_the_engines_unless_one_is_given(tiny_model, tmp_path):
-    """A library caller's Options do not carry a limit of their own: the
-    engine's max_model_len (8192 here or any) decides, not a copied 4096."""
+    """A library caller's Options carry no limit of their own (the old
+    default refused at a copied 4096): answer_requests fills in the engine's
+    max_model_len, and a limit the caller gives is checked."""
     long_question = "word " * 5000
     soundfile.write(tmp_path / "a.wav", tone(1, 16000), 16000)
     request = tool.AudioRequest(id="q", audio=[str(tmp_path / "a.wav")], question=long_question)

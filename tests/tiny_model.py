@@ -3,7 +3,8 @@
 No model can be downloaded in CI, and the real one is 16 GB; this one (about
 160 MB, nearly all of it the embeddings of the real vocabulary) loads in vLLM
 as Qwen2AudioForConditionalGeneration and in transformers alike, so both
-engines can be compared token for token. Its tokenizer is the published one
+engines can be compared token for token. Its tokenizer has the real Qwen2
+vocabulary and Qwen2-Audio's added tokens at their published ids
 (tests/published.py): prompts are counted as the real model counts them.
 """
 
@@ -23,8 +24,8 @@ PROJECTOR_STD = 1.0
 
 
 def build_tokenizer(directory: Path):
-    """Qwen2-Audio-7B-Instruct's tokenizer as published: the real Qwen2
-    vocabulary and the published tokenizer_config.json (its chat template)."""
+    """Qwen2-Audio-7B-Instruct's tokenizer: the real Qwen2 vocabulary and the
+    tokenizer_config.json of tests/fixtures/published (its chat template)."""
     from transformers import AutoTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
