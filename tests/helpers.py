@@ -89,6 +89,11 @@ def run_cli(
     )
 
 
+def engine_arguments(stdout: str) -> dict:
+    """The LLM(...) keyword arguments a --dry-run printed."""
+    return json.loads(stdout.split("# engine arguments\n")[1].split("\n#")[0])
+
+
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     """The run ended with exit 2 and ONE line on stderr (vLLM's own import
     notices aside), starting "error: "; no traceback, nothing on stdout."""

@@ -116,8 +116,11 @@ def test_tutorial_defaults_print_only_the_answer(tiny_model, demo_assets_cache, 
         python=vllm,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    answer = result.stdout.rstrip("\n")
-    assert answer and "\n" not in answer
+    # The answer alone on stdout (random weights over the real vocabulary may
+    # answer with line breaks of their own), every log line on stderr.
+    assert result.stdout.strip()
+    logs = ("INFO", "WARNING", "DEBUG", "(EngineCore")
+    assert not [line for line in result.stdout.splitlines() if line.startswith(logs)]
     assert "INFO" not in result.stdout and "INFO" in result.stderr
     assert "Qwen2AudioForConditionalGeneration" in result.stderr
     # The engine is stopped at once after the answer (its workers killed, as

@@ -22,16 +22,13 @@ from helpers import (
     ROOT,
     base_model_copy,
     cache_in_hugging_face_hub,
+    engine_arguments,
     one_error_line,
     run_cli,
     tone,
 )
 
 import run_qwen2_audio as tool
-
-
-def engine_arguments(stdout: str) -> dict:
-    return json.loads(stdout.split("# engine arguments\n")[1].split("\n#")[0])
 
 
 def test_a_model_and_engine_flags_in_a_config_file_count_and_the_command_line_wins(

@@ -3,10 +3,8 @@ conversation, and the defaults are the tutorial's."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import one_error_line, run_cli
+from helpers import engine_arguments, one_error_line, run_cli
 from transformers import AutoProcessor
 
 import run_qwen2_audio as tool
@@ -50,7 +48,7 @@ def test_dry_run_shows_tutorial_prompt_and_engine_defaults(demo_assets_cache, ho
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert TUTORIAL_PROMPT_2 in out
-    engine = json.loads(out.split("# engine arguments\n")[1].split("\n#")[0])
+    engine = engine_arguments(out)
     assert engine["model"] == "Qwen/Qwen2-Audio-7B-Instruct"
     assert engine["max_model_len"] == 4096
     assert engine["max_num_seqs"] == 5
@@ -70,7 +68,7 @@ def test_a_users_memory_fraction_wins(demo_assets_cache, home):
         home=home,
         env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
     )
-    engine = json.loads(result.stdout.split("# engine arguments\n")[1].split("\n#")[0])
+    engine = engine_arguments(result.stdout)
     assert engine["gpu_memory_utilization"] == 0.5
 
 
@@ -207,7 +205,7 @@ def test_readme_graph_mode_flags_reach_the_engine(clips, home, vllm):
         python=vllm,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    engine = json.loads(result.stdout.split("# engine arguments\n")[1].split("\n#")[0])
+    engine = engine_arguments(result.stdout)
     assert engine["cudagraph_capture_sizes"] == [1, 2, 4, 8]
     assert engine["max_num_seqs"] == 24
     assert "enforce_eager" not in engine  # vLLM's own default: graph mode

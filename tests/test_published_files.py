@@ -12,6 +12,8 @@ transformers' defaults."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import (
     VLLM_PYTHONS,
@@ -56,6 +58,10 @@ def test_the_vocabulary_is_qwen2s_with_the_audio_tokens_at_their_published_ids(i
     ]
     assert encode("<|audio_bos|><|AUDIO|><|audio_eos|>") == [151647, 151646, 151648]
     assert AutoConfig.from_pretrained(instruct).audio_token_index == 151646
+    # Qwen2's merges, as a public GGUF metadata dump of a Qwen2 model lists them
+    # ("tokenizer.ggml.merges array<string>[151387]", code search id 54487935996).
+    merges = json.loads((instruct / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(merges) == 151_387
 
 
 def dry_run_cases() -> list:
