@@ -123,3 +123,7 @@ def published_checkpoint(name: str, directory: Path) -> Path:
 
 def published_config(name: str) -> dict:
     return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+def published_tokenizer_config(name: str) -> dict:
+    return json.loads((FIXTURES / name / "tokenizer_config.json").read_text())

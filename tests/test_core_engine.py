@@ -1,6 +1,6 @@
-"""End to end on the real vLLM engine (CPU) with the tiny checkpoint, on
-vLLM 0.23 (the image's) and 0.32, each run a fresh process in a user's
-environment: the script's greedy output ids equal transformers' reference
+"""End to end on the real vLLM engine (CPU) with the tiny checkpoint of the
+real vocabulary, on vLLM 0.23 (the image's) and 0.32, each run a fresh process
+in a user's environment: the script's greedy output ids equal transformers' reference
 implementation."""
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ def as_the_script_decodes(paths) -> list[np.ndarray]:
     return [tool.load_clip(str(p), options).samples for p in paths]
 
 
-def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips, home, vllm):
+def test_two_clips_in_one_prompt_match_transformers(real_vocabulary_model, clips, home, vllm):
     paths = [clips["b.mp3"], clips["a.wav"]]  # 5 s 44.1 kHz stereo, 3 s 16 kHz
     result = run_cli(
         "--model",
-        tiny_model,
+        real_vocabulary_model,
         "--audio",
         *paths,
         "--temperature",
@@ -52,10 +52,10 @@ def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips, home, vll
     assert record["prompt"] == tool.build_prompt(
         tool.DEFAULT_QUESTION, 2, tool.DEFAULT_SYSTEM_PROMPT
     )
-    expected_tokens = text_tokens(tiny_model, record["prompt"], 2) + 25 * 5 + 25 * 3
+    expected_tokens = text_tokens(real_vocabulary_model, record["prompt"], 2) + 25 * 5 + 25 * 3
     assert record["prompt_tokens"] == expected_tokens
     ref_prompt_tokens, ref_ids = transformers_greedy_ids(
-        tiny_model, record["prompt"], as_the_script_decodes(paths), MAX_TOKENS
+        real_vocabulary_model, record["prompt"], as_the_script_decodes(paths), MAX_TOKENS
     )
     assert record["prompt_tokens"] == ref_prompt_tokens
     assert record["token_ids"] == [ref_ids]
@@ -66,11 +66,11 @@ def test_two_clips_in_one_prompt_match_transformers(tiny_model, clips, home, vll
     assert record["answer"] == record["answers"][0]
 
 
-def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache, home, vllm):
+def test_one_demo_clip_matches_transformers(real_vocabulary_model, demo_assets_cache, home, vllm):
     """--audio-count 1 takes vLLM's AudioAsset('mary_had_lamb') (from its cache)."""
     result = run_cli(
         "--model",
-        tiny_model,
+        real_vocabulary_model,
         "--audio-count",
         "1",
         "--temperature",
@@ -94,22 +94,26 @@ def test_one_demo_clip_matches_transformers(tiny_model, demo_assets_cache, home,
         "What is recited in the audio?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert record["prompt_tokens"] == text_tokens(tiny_model, record["prompt"], 1) + 100
+    assert record["prompt_tokens"] == text_tokens(real_vocabulary_model, record["prompt"], 1) + 100
     samples, rate = soundfile.read(
         demo_assets_cache / "vllm_public_assets" / "mary_had_lamb.ogg", dtype="float32"
     )
     assert rate == 16000
-    _, ref_ids = transformers_greedy_ids(tiny_model, record["prompt"], [samples], MAX_TOKENS)
+    _, ref_ids = transformers_greedy_ids(
+        real_vocabulary_model, record["prompt"], [samples], MAX_TOKENS
+    )
     assert record["token_ids"] == [ref_ids]
 
 
-def test_tutorial_defaults_print_only_the_answer(tiny_model, demo_assets_cache, home, vllm):
+def test_tutorial_defaults_print_only_the_answer(
+    real_vocabulary_model, demo_assets_cache, home, vllm
+):
     """No flags but the model: two demo clips, tutorial sampling, text on
     stdout and every log line on stderr, with vLLM's engine core in its own
     process as users run it."""
     result = run_cli(
         "--model",
-        tiny_model,
+        real_vocabulary_model,
         *CPU_ENGINE_FLAGS,
         home=home,
         env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
