@@ -182,6 +182,10 @@ MAX_AUDIO_TOKENS_PER_CLIP = 750
 # Below 3 mel frames the encoder yields zero audio tokens and vLLM rejects
 # the request; 0.1 s (10 frames, 2 tokens) is a sane floor with margin.
 MIN_CLIP_SECONDS = 0.1
+# A split segment whose loudest 20 ms frame (RMS) is under this many dBFS is
+# silence: answered "" without the engine (docs/design-notes.md: the level of
+# speech and of room noise, measured).
+SILENCE_DB = -50.0
 
 DEMO_ASSETS = ("mary_had_lamb", "winning_call")
 TUTORIAL_QUESTIONS = {
@@ -430,6 +434,15 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
         default=MAX_CLIP_SECONDS,
         help="longest segment when splitting (at most 30, the model's window)",
     )
+    inputs.add_argument(
+        "--silence-db",
+        type=number_or_none,
+        default=SILENCE_DB,
+        metavar="DBFS",
+        help="a segment of a split recording whose loudest 20 ms stays under this "
+        f'level is answered "" without the engine (default {SILENCE_DB:g}; none: '
+        "send every segment); a clip that is not split is always sent",
+    )
     inputs.add_argument("--url-timeout", type=float, default=30.0, metavar="SECONDS")
     inputs.add_argument(
         "--max-audio-mb", type=float, default=512.0, help="largest download accepted"
@@ -467,6 +480,35 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--n", type=int, default=1, help="completions per request (answers in JSON)"
+    )
+
+    guard = parser.add_argument_group(
+        "answer guard (Whisper's): an answer that repeats itself or that the model "
+        "guessed is asked again at a higher temperature, and flagged if none passes"
+    )
+    guard.add_argument(
+        "--compression-ratio-threshold",
+        type=number_or_none,
+        default=2.4,
+        metavar="RATIO",
+        help="an answer whose text compresses (zlib) more than this repeats itself "
+        "(default 2.4; none: off)",
+    )
+    guard.add_argument(
+        "--logprob-threshold",
+        type=number_or_none,
+        default=-1.0,
+        metavar="LOGPROB",
+        help="an answer whose mean token log-probability is under this was guessed "
+        "(default -1.0; none: off, and no log-probabilities are asked for)",
+    )
+    guard.add_argument(
+        "--temperature-fallback",
+        type=temperature_list,
+        default=None,
+        metavar="T1,T2,...",
+        help="the temperatures of the attempts after the first (default: Whisper's "
+        "0.2 steps above --temperature, up to 1.0; none: never ask again, only flag)",
     )
 
     output = parser.add_argument_group("output")
@@ -522,10 +564,61 @@ def print_help_without_engine(problem: ExplainedError) -> None:
     parser.print_help()
 
 
+# Whisper's temperature steps: an answer that trips the guard is asked again
+# at the next one above the request's own temperature.
+WHISPER_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """When an answer is suspect, and how it is asked again (Whisper's
+    transcribe defaults): its text compresses better than
+    compression_ratio_threshold (it repeats itself), or its mean token
+    log-probability is under logprob_threshold (the model was guessing).
+    Such an answer is asked again at each temperature of fallback in turn
+    until one passes. None turns a threshold off; fallback None means
+    Whisper's steps above the request's temperature, () never ask again."""
+
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    fallback: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--compression-ratio-threshold", self.compression_ratio_threshold),
+            ("--logprob-threshold", self.logprob_threshold),
+        ):
+            if value is not None and not math.isfinite(value):
+                raise ExplainedError(f"{flag} {value}: must be a number, or none")
+        for value in self.fallback or ():
+            if not (math.isfinite(value) and value >= 0):
+                raise ExplainedError(
+                    f"--temperature-fallback {value}: temperatures must be numbers of 0 or more"
+                )
+
+    def temperatures(self, first: float) -> tuple[float, ...]:
+        """The temperatures of the attempts after one at `first`."""
+        if self.fallback is not None:
+            return self.fallback
+        return tuple(t for t in WHISPER_TEMPERATURES if t > first + 1e-6)
+
+    def reasons(self, compression_ratio: float, mean_logprob: float | None) -> list[str]:
+        """Why an answer with these measures is suspect (none: it passes)."""
+        reasons = []
+        limit = self.compression_ratio_threshold
+        if limit is not None and compression_ratio > limit:
+            reasons.append("repetition")
+        floor = self.logprob_threshold
+        if floor is not None and mean_logprob is not None and mean_logprob < floor:
+            reasons.append("low_logprob")
+        return reasons
+
+
 @dataclasses.dataclass
 class Options:
-    """How requests are read, checked and prompted; every default is the
-    CLI's (a test holds them equal) but max_model_len: None is the engine's."""
+    """How requests are read, checked, prompted and their answers judged;
+    every default is the CLI's (a test holds them equal) but max_model_len:
+    None is the engine's."""
 
     question: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -540,6 +633,8 @@ class Options:
     max_tokens: int = 64
     chunk_size: int = 64  # requests decoded ahead, and requests in the engine
     decode_workers: int = 2
+    silence_db: float | None = SILENCE_DB  # None: every segment is sent
+    guard: Guard = dataclasses.field(default_factory=Guard)
 
     def __post_init__(self) -> None:
         positive: dict[str, float] = {
@@ -582,7 +677,35 @@ def options_from_args(args: argparse.Namespace) -> Options:
         max_tokens=args.max_tokens,
         chunk_size=chunk_size,
         decode_workers=args.decode_workers,
+        silence_db=args.silence_db,
+        guard=Guard(
+            compression_ratio_threshold=args.compression_ratio_threshold,
+            logprob_threshold=args.logprob_threshold,
+            fallback=args.temperature_fallback,
+        ),
     )
+
+
+def number_or_none(text: str) -> float | None:
+    """A flag's number, or none (off)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or none")
+
+
+def temperature_list(text: str) -> tuple[float, ...]:
+    """--temperature-fallback: comma-separated temperatures, or none."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of temperatures (e.g. 0.4,0.6,0.8,1.0) or none"
+        )
 
 
 def default_chunk_size(max_num_seqs: int | None) -> int:
@@ -1149,8 +1272,6 @@ MIN_SEGMENT_SECONDS = 1.0
 # A 20 ms frame is quiet when it is within 10 dB of the search window's
 # quietest frame, or 50 dB below its loudest (digital silence).
 QUIET_ABOVE_QUIETEST, QUIET_BELOW_LOUDEST = 10.0, 1e-5
-# A split segment whose loudest sample is under -60 dBFS is silence: dropped.
-SILENT_PEAK = 1e-3
 
 
 def split_points(samples: np.ndarray, segment_seconds: float) -> list[tuple[int, int]]:
@@ -1207,6 +1328,7 @@ class Segment:
     clips: list[np.ndarray]
     start_seconds: float = 0.0
     end_seconds: float = 0.0
+    silent: bool = False  # a split segment under --silence-db: not sent
 
 
 def apply_long_audio_policy(
@@ -1229,7 +1351,7 @@ def apply_long_audio_policy(
             "or truncate, or cut the file"
         )
     if is_split(clips, options):
-        return split_segments(clips[0], limit, warnings)
+        return split_segments(clips[0], limit, options.silence_db)
     keep = int(limit * SAMPLE_RATE)
     for clip in long_clips:
         warnings.append(
@@ -1251,23 +1373,26 @@ def is_split(clips: list[Clip], options: Options) -> bool:
     )
 
 
-def split_segments(clip: Clip, limit: float, warnings: list[str]) -> list[Segment]:
-    """A long clip's segments; silent ones are dropped (with a warning), as
-    the model would only make something up for them."""
-    segments = [
-        Segment([clip.samples[a:b]], a / SAMPLE_RATE, b / SAMPLE_RATE)
-        for a, b in split_points(clip.samples, limit)
-    ]
-    silent = [np.abs(s.clips[0]).max() < SILENT_PEAK for s in segments]
-    if all(silent):  # nothing but silence: sent as it is, like a short silent clip
-        return segments
-    for segment, quiet in zip(segments, silent, strict=True):
-        if quiet:
-            warnings.append(
-                f"audio {clip.source}: {segment.start_seconds:.2f}-{segment.end_seconds:.2f} s "
-                "is silent (under -60 dBFS): not sent to the model"
-            )
-    return [segment for segment, quiet in zip(segments, silent, strict=True) if not quiet]
+def split_segments(clip: Clip, limit: float, silence_db: float | None) -> list[Segment]:
+    """A long clip's segments, those under silence_db marked silent: the
+    model would only make something up for them, at the cost of a full
+    encoder pass."""
+    segments = []
+    for a, b in split_points(clip.samples, limit):
+        samples = clip.samples[a:b]
+        silent = silence_db is not None and loudest_frame_db(samples) < silence_db
+        segments.append(Segment([samples], a / SAMPLE_RATE, b / SAMPLE_RATE, silent))
+    return segments
+
+
+def loudest_frame_db(samples: np.ndarray) -> float:
+    """The level of the loudest 20 ms frame (RMS, dBFS; -inf for digital silence)."""
+    frame = int(SPLIT_FRAME_SECONDS * SAMPLE_RATE)
+    frames = max(len(samples) // frame, 1)
+    padded = np.zeros(frames * frame, dtype=np.float64)
+    padded[: min(len(samples), frames * frame)] = samples[: frames * frame]
+    power = np.square(padded).reshape(frames, frame).mean(axis=1).max()
+    return 10 * math.log10(power) if power > 0 else -math.inf
 
 
 # --------------------------------------------------------------------------
@@ -1691,6 +1816,8 @@ def answer_requests(
     params = copy.copy(sampling_params or tutorial_sampling_params())
     # Only the finished output of each request (what LLM.generate asks for).
     params.output_kind = RequestOutputKind.FINAL_ONLY
+    if params.logprobs is None and options.guard.logprob_threshold is not None:
+        params.logprobs = 0  # the sampled token's alone: the guard's mean
     upcoming = iter(requests)
     pool = DecodePool(options.decode_workers)
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -1789,13 +1916,71 @@ class DecodePool:
 
 
 @dataclasses.dataclass
+class Attempt:
+    """One answer to a segment: vLLM's RequestOutput (None: a silent segment,
+    not sent), the temperature it was sampled at, the guard's measures (the
+    worst over its completions) and why it is suspect, if it is."""
+
+    output: Any
+    temperature: float
+    compression_ratio: float = 0.0
+    mean_logprob: float | None = None
+    reasons: list[str] = dataclasses.field(default_factory=list)
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's: the text's UTF-8 bytes over their zlib-compressed bytes."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def mean_logprob(completion: Any) -> float | None:
+    """Mean log-probability of a completion's tokens (None: not asked for)."""
+    total = getattr(completion, "cumulative_logprob", None)
+    if total is None or not completion.token_ids:
+        return None
+    return total / len(completion.token_ids)
+
+
+def judge(output: Any, temperature: float, guard: Guard) -> Attempt:
+    """An attempt's measures; with several completions (--n), the worst of
+    them: the attempt trips when any completion does."""
+    ratios = [compression_ratio(c.text) for c in output.outputs]
+    logprobs = [m for c in output.outputs if (m := mean_logprob(c)) is not None]
+    worst_logprob = min(logprobs) if logprobs else None
+    ratio = max(ratios, default=0.0)
+    return Attempt(output, temperature, ratio, worst_logprob, guard.reasons(ratio, worst_logprob))
+
+
+def least_bad(attempts: list[Attempt]) -> Attempt:
+    """The attempt to keep: the first that passed, else the one with the
+    fewest reasons, the highest mean log-probability on ties (the first of
+    equals)."""
+    for attempt in attempts:
+        if not attempt.reasons:
+            return attempt
+    return min(
+        attempts,
+        key=lambda a: (len(a.reasons), -(a.mean_logprob if a.mean_logprob is not None else 0.0)),
+    )
+
+
+def at_temperature(params: Any, temperature: float) -> Any:
+    """A copy of params sampling at temperature (seed, penalties, n kept)."""
+    changed = params.clone()
+    changed.temperature = temperature
+    return changed
+
+
+@dataclasses.dataclass
 class InFlight:
     """A request between its admission to the engine and its record."""
 
     prepared: PreparedRequest
-    outputs: list[Any]  # per segment: vLLM's RequestOutput once it finished
+    outputs: list[Any]  # per segment: the kept Attempt once it is settled
     wait_for_audio_seconds: float = 0.0
-    engine_ids: list[str | None] = dataclasses.field(default_factory=list)  # None: refused
+    engine_ids: list[str | None] = dataclasses.field(default_factory=list)  # None: not sent
+    attempts: dict[int, list[Attempt]] = dataclasses.field(default_factory=dict)
     segment_errors: dict[int, ExplainedError] = dataclasses.field(default_factory=dict)
     done: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -1805,8 +1990,13 @@ class InFlight:
     def complete(self) -> bool:
         return self.prepared.error is not None or self.done == len(self.outputs)
 
-    def settle(self, segment: int, output: Any = None, error: ExplainedError | None = None) -> None:
-        """A segment answered (output) or failed (error)."""
+    def settle(
+        self, segment: int, output: Attempt | None = None, error: ExplainedError | None = None
+    ) -> None:
+        """A segment answered (its kept attempt) or failed (error); a retry
+        that failed keeps the best earlier attempt."""
+        if error is not None and self.attempts.get(segment):
+            error, output = None, least_bad(self.attempts[segment])
         if error is not None:
             self.segment_errors[segment] = error
         else:
@@ -1827,7 +2017,9 @@ class InFlight:
             # engine, queueing behind others included.
             "engine_seconds": round(self.finished - self.started, 4),
         }
-        return result_record(self.prepared, self.outputs, timing, self.segment_errors)
+        return result_record(
+            self.prepared, self.outputs, timing, self.segment_errors, self.attempts
+        )
 
 
 # Finished outputs that one feeder's step() took from an engine for another
@@ -1899,6 +2091,10 @@ class EngineFeeder:
             lambda text: len(tokenizer.encode(text, add_special_tokens=False))
         )
         self.params, self.options = params, options
+        # Attempt k of a segment samples at temperatures[k].
+        self.temperatures = (params.temperature, *options.guard.temperatures(params.temperature))
+        self.attempt_params = [params] + [at_temperature(params, t) for t in self.temperatures[1:]]
+        self.retries: collections.deque[tuple[InFlight, int]] = collections.deque()
         self.in_flight: collections.deque[InFlight] = collections.deque()
         self.running: dict[str, tuple[InFlight, int]] = {}
         self.ids = (f"{ENGINE_ID_PREFIX}{uuid.uuid4().hex[:12]}-{n}" for n in itertools.count())
@@ -1927,6 +2123,10 @@ class EngineFeeder:
         self.feed()
 
     def feed(self) -> None:
+        # Answers asked again go first: their requests hold back the output.
+        while self.retries and len(self.running) < self.options.chunk_size:
+            entry, segment = self.retries.popleft()
+            self.send(entry, segment, len(entry.attempts[segment]))
         for entry in self.in_flight:
             while (
                 entry.prepared.error is None
@@ -1934,19 +2134,27 @@ class EngineFeeder:
                 and len(self.running) < self.options.chunk_size
             ):
                 segment = len(entry.engine_ids)
-                engine_id = next(self.ids)
-                try:
-                    self.engine.add_request(
-                        engine_id, entry.prepared.engine_input(segment), self.params
-                    )
-                except self.fatal:
-                    raise
-                except Exception as exc:  # vLLM refused this prompt (ValueError), or worse
+                if entry.prepared.segments[segment].silent:
                     entry.engine_ids.append(None)
-                    entry.settle(segment, error=segment_error(entry, segment, exc))
+                    entry.settle(segment, Attempt(None, 0.0))
                     continue
-                entry.engine_ids.append(engine_id)
-                self.running[engine_id] = (entry, segment)
+                entry.engine_ids.append(self.send(entry, segment, 0))
+
+    def send(self, entry: InFlight, segment: int, attempt: int) -> str | None:
+        """Add a segment's attempt to the engine; its engine id, or None
+        when the engine refused it (the segment then settles)."""
+        engine_id = next(self.ids)
+        try:
+            self.engine.add_request(
+                engine_id, entry.prepared.engine_input(segment), self.attempt_params[attempt]
+            )
+        except self.fatal:
+            raise
+        except Exception as exc:  # vLLM refused this prompt (ValueError), or worse
+            entry.settle(segment, error=segment_error(entry, segment, exc))
+            return None
+        self.running[engine_id] = (entry, segment)
+        return engine_id
 
     def step(self) -> None:
         if not self.running:
@@ -1960,7 +2168,7 @@ class EngineFeeder:
             output = self.unclaimed.pop(engine_id)
             failure = engine_side_failure(output)
             if failure is None:
-                entry.settle(segment, output)
+                self.judge(entry, segment, output)
             else:
                 entry.settle(segment, error=segment_error(entry, segment, failure))
         if self.running and not self.engine.has_unfinished_requests():
@@ -1971,6 +2179,17 @@ class EngineFeeder:
                 lost = RuntimeError("the engine no longer has it (aborted by another caller?)")
                 entry.settle(segment, error=segment_error(entry, segment, lost))
         self.feed()
+
+    def judge(self, entry: InFlight, segment: int, output: Any) -> None:
+        """Keep an answer that passes the guard; ask one that does not again
+        at the next temperature, while there is one (a request more in the
+        engine's batch); else keep the least bad."""
+        tried = entry.attempts.setdefault(segment, [])
+        tried.append(judge(output, self.temperatures[len(tried)], self.options.guard))
+        if tried[-1].reasons and len(tried) < len(self.temperatures):
+            self.retries.append((entry, segment))
+        else:
+            entry.settle(segment, least_bad(tried))
 
     def finished_records(self) -> Iterator[dict[str, Any]]:
         while self.in_flight and self.in_flight[0].complete:
@@ -2027,41 +2246,70 @@ def segment_error(entry: InFlight, segment: int, exc: Exception) -> ExplainedErr
 # --------------------------------------------------------------------------
 
 
-def segment_record(output: Any, segment: Segment) -> dict[str, Any]:
-    completions = output.outputs
-    return {
-        "start": round(segment.start_seconds, 3),
-        "end": round(segment.end_seconds, 3),
+def segment_record(attempt: Attempt, segment: Segment, attempts: int, n: int) -> dict[str, Any]:
+    """A segment's kept answer, its guard measures, and how many attempts
+    it took; a silent segment's n empty answers."""
+    times = {"start": round(segment.start_seconds, 3), "end": round(segment.end_seconds, 3)}
+    if attempt.output is None:
+        return {
+            **times,
+            "answers": [""] * n,
+            "token_ids": [[] for _ in range(n)],
+            "prompt_tokens": 0,
+            "output_tokens": 0,
+            "finish_reasons": ["silence"] * n,
+            "silent": True,
+        }
+    completions = attempt.output.outputs
+    record = {
+        **times,
         "answers": [c.text for c in completions],
         "token_ids": [list(c.token_ids) for c in completions],
-        "prompt_tokens": len(output.prompt_token_ids),
+        "prompt_tokens": len(attempt.output.prompt_token_ids),
         "output_tokens": sum(len(c.token_ids) for c in completions),
         "finish_reasons": [c.finish_reason for c in completions],
+        "compression_ratio": round(attempt.compression_ratio, 3),
+        "mean_logprob": None if attempt.mean_logprob is None else round(attempt.mean_logprob, 4),
+        "temperature": attempt.temperature,
+        "fallbacks": attempts - 1,
     }
+    if attempt.reasons:
+        record["suspect"] = attempt.reasons
+    return record
+
+
+GUARD_FIELDS = ("compression_ratio", "mean_logprob", "temperature")
 
 
 def result_record(
     prepared: PreparedRequest,
-    outputs: list[Any],
+    outputs: list[Attempt],
     timing: dict[str, float],
     segment_errors: Mapping[int, ExplainedError] | None = None,
+    attempts: Mapping[int, list[Attempt]] | None = None,
 ) -> dict[str, Any]:
     """The JSON record of an answered request: its segments' answers joined
     in order; a segment that failed (segment_errors) is left out of the
     answer, kept in "segments" with its error, and named in a warning."""
     segment_errors = segment_errors or {}
+    attempts = attempts or {}
+    n = max((len(o.output.outputs) for o in outputs if o is not None and o.output), default=1)
     parts = [
-        failed_segment_record(segment_errors[i], s) if i in segment_errors else segment_record(o, s)
+        failed_segment_record(segment_errors[i], s)
+        if i in segment_errors
+        else segment_record(o, s, len(attempts.get(i, [o])), n)
         for i, (o, s) in enumerate(zip(outputs, prepared.segments, strict=True))
     ]
     answered = [p for p in parts if "error" not in p]
-    completions = range(len(answered[0]["answers"]))
+    heard_parts = [p for p in answered if not p.get("silent")]
+    completions = range(n)
     # Completion i of the request = completion i of every segment, in order.
-    answers = [" ".join(p["answers"][i].strip() for p in answered) for i in completions]
+    answers = [" ".join(a for p in answered if (a := p["answers"][i].strip())) for i in completions]
     if len(parts) == 1:
         answers = parts[0]["answers"]  # unstripped: exactly what the model said
     token_ids = [[t for p in answered for t in p["token_ids"][i]] for i in completions]
     request = prepared.request
+    suspect = sorted({r for p in answered for r in p.get("suspect", [])})
     record: dict[str, Any] = {
         "id": request.id,
         "audio": [escape_undecodable(a) for a in request.audio],
@@ -2071,19 +2319,24 @@ def result_record(
         "token_ids": token_ids,
         "prompt_tokens": sum(p["prompt_tokens"] for p in answered),
         "output_tokens": sum(p["output_tokens"] for p in answered),
-        "finish_reason": answered[-1]["finish_reasons"][0],
+        "finish_reason": (heard_parts or answered)[-1]["finish_reasons"][0],
         "audio_seconds": round(prepared.audio_seconds, 3),
         # Each clip's length as given: a subtitle cue spans the first one.
         "clip_seconds": [round(s, 3) for s in prepared.clip_seconds],
+        "fallbacks": sum(p.get("fallbacks", 0) for p in answered),
+        **({"suspect": suspect} if suspect else {}),
         "timing": timing,
     }
     heard = None if prepared.split else heard_seconds(prepared)
     if prepared.split:
         record["segments"] = parts
-    elif heard != prepared.clip_seconds:  # truncated
-        record["heard_seconds"] = [round(s, 3) for s in heard]
+    else:
+        record.update({k: parts[0][k] for k in GUARD_FIELDS})
+        if heard != prepared.clip_seconds:  # truncated
+            record["heard_seconds"] = [round(s, 3) for s in heard]
     warnings = list(prepared.warnings)
     warnings += [str(segment_errors[i]) for i in sorted(segment_errors)]
+    warnings += suspect_warnings(request.id, parts, prepared.split)
     cut_off = truncation_warnings(request.id, parts, prepared.split)
     if cut_off:
         record["truncated"] = True
@@ -2117,6 +2370,26 @@ def heard_seconds(prepared: PreparedRequest) -> list[float]:
     it, unless truncated."""
     sent = [len(s) / SAMPLE_RATE for s in prepared.segments[0].clips]
     return [min(c, s) for c, s in zip(prepared.clip_seconds, sent, strict=True)]
+
+
+def suspect_warnings(request_id: str, parts: list[dict[str, Any]], split: bool) -> list[str]:
+    """One warning per segment whose kept answer is still suspect."""
+    warnings = []
+    for i, part in enumerate(parts):
+        if "suspect" not in part:
+            continue
+        where = f" in segment {i + 1} [{part['start']:.2f}-{part['end']:.2f} s]"
+        measures = []
+        if "repetition" in part["suspect"]:
+            measures.append(f"it repeats itself: compression ratio {part['compression_ratio']:g}")
+        if "low_logprob" in part["suspect"]:
+            measures.append(f"mean log-probability {part['mean_logprob']:g}")
+        warnings.append(
+            f"request {escape_controls(request_id)}: suspect answer{where if split else ''} "
+            f"({'; '.join(measures)}) after {part['fallbacks'] + 1} attempt(s); "
+            "check it (a --repetition-penalty above 1 may help)"
+        )
+    return warnings
 
 
 def truncation_warnings(request_id: str, parts: list[dict[str, Any]], split: bool) -> list[str]:
@@ -2656,6 +2929,10 @@ class RunReport:
     skipped: int = 0
     truncated: int = 0  # answered, but some answer stopped at max_tokens
     partial: int = 0  # answered, but a segment of it failed (exit code 1)
+    asked_again: int = 0  # answered after the guard asked some answer of it again
+    fallbacks: int = 0  # attempts the guard added, over all requests
+    suspect: int = 0  # answered, but some kept answer is still suspect
+    silent_segments: int = 0  # answered "" without the engine
     audio_seconds: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -2682,6 +2959,10 @@ class RunReport:
         self.ok += 1
         self.truncated += bool(record.get("truncated"))
         self.partial += any("error" in s for s in record.get("segments", []))
+        self.asked_again += record.get("fallbacks", 0) > 0
+        self.fallbacks += record.get("fallbacks", 0)
+        self.suspect += "suspect" in record
+        self.silent_segments += sum(bool(s.get("silent")) for s in record.get("segments", []))
         timing = record.get("timing", {})
         self.decode_seconds += timing.get("decode_seconds", 0.0)
         self.wait_for_audio_seconds += timing.get("wait_for_audio_seconds", 0.0)
@@ -2707,6 +2988,9 @@ class RunReport:
         s = self.summary()
         return [
             f"requests: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)",
+            f"guard: {self.asked_again} request(s) asked again ({self.fallbacks} more "
+            f"attempt(s)), {self.suspect} suspect; {self.silent_segments} silent segment(s) "
+            "not sent",
             f"audio: {self.audio_seconds:.1f} s in {self.wall_seconds:.1f} s wall "
             f"= {s['real_time_factor']}x real time",
             f"tokens/s: prompt {s['prompt_tokens_per_second']}, "
@@ -2730,6 +3014,14 @@ class RunReport:
                     "failed (see their warnings and segments)"
                 ]
                 if self.partial
+                else []
+            ),
+            *(
+                [
+                    f"warning: {self.suspect} answer(s) suspect at every temperature tried "
+                    '(repetition or low log-probability: see "suspect" in their records)'
+                ]
+                if self.suspect
                 else []
             ),
         ]
@@ -2762,6 +3054,12 @@ def dry_run(
         for warning in prepared.warnings:
             out.write(f"# warning: {warning}\n")
         for i, seg in enumerate(prepared.segments):
+            if seg.silent:
+                out.write(
+                    f"# segment {i} [{seg.start_seconds:.2f}-{seg.end_seconds:.2f} s]: silent "
+                    f"(under --silence-db {options.silence_db:g} dBFS): not sent\n"
+                )
+                continue
             audio = [audio_token_count(len(s)) for s in seg.clips]
             total = prepared.prompt_tokens[i] if prepared.prompt_tokens else None
             limit = options.max_model_len or facts.max_positions  # auto: the model's

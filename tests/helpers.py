@@ -39,6 +39,12 @@ VLLM_PYTHONS = {
 # transformers agree token for token (bf16 drifts), and a KV cache that fits
 # one NUMA node of a CI machine (on CPU the fraction is of that node).
 CPU_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+# Random weights guess: their answers' mean log-probability is about -1.8, so
+# the answer guard asks each one again at every fallback temperature, five
+# times the generation. Tests of random weights ask once (the guard still
+# measures and flags); the guard's own tests, the hostile batch and every
+# test of the speech-trained model run it as users get it.
+ASK_ONCE = ["--temperature-fallback", "none"]
 # The CPU engine's KV cache size in GiB: a CPU setting with no NPU meaning.
 CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # The engine core inside the script's process: each extra process imports

@@ -28,6 +28,7 @@ import time
 
 import pytest
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     VLLM_PYTHONS,
@@ -148,6 +149,7 @@ def test_cell(version, offline, hub, model, assets, tiny_model, home, black_hole
         "--max-tokens",
         "4",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=env,
         python=python,

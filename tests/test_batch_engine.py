@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     PAUSES,
@@ -113,6 +114,7 @@ def batch_argv(vllm: str, model, manifest: str, out) -> list[str]:
         "--url-timeout",
         "3600",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
     ]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     CPU_MACHINE_ENV,
     IN_PROCESS_ENGINE,
@@ -57,6 +58,7 @@ TINY_MODEL_FLAGS = [
     "--model",
     "/models/tiny",
     *CPU_ENGINE_FLAGS,
+    *ASK_ONCE,
     "--temperature",
     "0",
     "--max-tokens",

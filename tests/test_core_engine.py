@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
-from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, load_json_output, run_cli
+from helpers import ASK_ONCE, CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, load_json_output, run_cli
 from reference import transformers_greedy_ids
 from transformers import AutoTokenizer
 
@@ -43,6 +43,7 @@ def test_two_clips_in_one_prompt_match_transformers(real_vocabulary_model, clips
         "--output-format",
         "json",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=IN_PROCESS_ENGINE,
         python=vllm,
@@ -80,6 +81,7 @@ def test_one_demo_clip_matches_transformers(real_vocabulary_model, demo_assets_c
         "--output-format",
         "json",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env={"VLLM_ASSETS_CACHE": str(demo_assets_cache), **IN_PROCESS_ENGINE},
         python=vllm,
@@ -115,6 +117,7 @@ def test_tutorial_defaults_print_only_the_answer(
         "--model",
         real_vocabulary_model,
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
         python=vllm,

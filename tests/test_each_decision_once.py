@@ -17,6 +17,7 @@ import huggingface_hub.constants
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     ROOT,
@@ -191,6 +192,7 @@ def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
             "2",
             *flags,
             *CPU_ENGINE_FLAGS,
+            *ASK_ONCE,
             home=home,
             env=IN_PROCESS_ENGINE,
         )

@@ -12,6 +12,7 @@ import jiwer
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     PAUSES,
@@ -171,6 +172,7 @@ def test_manifest_references_score_records_and_corpus(tiny_model, clips, home, t
         "--max-tokens",
         MAX_TOKENS,
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=IN_PROCESS_ENGINE,
         python=vllm,
@@ -208,7 +210,7 @@ def test_resumed_run_reports_the_corpus_of_the_whole_output(tiny_model, clips, h
     manifest.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     out, first, second = tmp_path / "out.jsonl", tmp_path / "1.json", tmp_path / "2.json"
     common = ["--model", tiny_model, "--manifest", manifest, "--output", out]
-    common += ["--temperature", "0", "--max-tokens", MAX_TOKENS, *CPU_ENGINE_FLAGS]
+    common += ["--temperature", "0", "--max-tokens", MAX_TOKENS, *CPU_ENGINE_FLAGS, *ASK_ONCE]
     env = IN_PROCESS_ENGINE
     assert run_cli(*common, "--report", first, home=home, env=env).returncode == 0
     kept = [line for line in out.read_text().splitlines() if '"id": "same"' not in line]
@@ -241,6 +243,7 @@ def test_raw_prompt_matches_transformers(tiny_model, clips, home, vllm):
         "--output-format",
         "json",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=IN_PROCESS_ENGINE,
         python=vllm,

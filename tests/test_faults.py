@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     ROOT,
@@ -86,6 +87,7 @@ def batch_argv(
         "--url-timeout",
         "3600",
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         *extra,
     ]
 

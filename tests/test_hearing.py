@@ -101,6 +101,10 @@ def answers_by_id(path: Path) -> dict[str, str]:
     assert len(ids) == len(set(ids)), "an id answered twice"
     errors = [r for r in records if "error" in r]
     assert not errors, errors[:3]
+    # The answer guard at its defaults: speech the model hears is never asked
+    # again nor flagged (its answers' mean log-probability: -0.11 at worst).
+    alarms = [r["id"] for r in records if r["fallbacks"] or "suspect" in r]
+    assert not alarms, alarms[:5]
     return {r["id"]: r["answer"] for r in records}
 
 
@@ -291,7 +295,9 @@ def segments_the_tool_sends(path: Path, seconds: float) -> list[tuple[float, flo
     samples, rate = soundfile.read(path, dtype="float32")
     assert rate == hearing.RATE and np.array_equal(clip.samples, samples)
     sent = []
-    for segment in tool.split_segments(clip, seconds, warnings=[]):
+    for segment in tool.split_segments(clip, seconds, tool.SILENCE_DB):
+        if segment.silent:
+            continue
         begin, end = segment.start_seconds, segment.end_seconds
         # Each piece is the file's samples between its own times, not the
         # splitter's word for it: the CLI reports these times.
@@ -607,3 +613,74 @@ def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed
     assert serial_wer <= WAV_WER
     assert busy_wer <= serial_wer + 0.01
     assert same >= 0.98 * BUSY
+
+
+# --------------------------------------------------------------------------
+# Silence is not sent
+# --------------------------------------------------------------------------
+
+SILENCE_SECONDS = 40.0
+NOISE_FLOOR_DB = -60.0  # a quiet room's: white noise at this RMS level
+
+
+def test_silent_stretches_are_not_sent_and_the_speech_around_them_is_heard(
+    speech_model, long_recording, tmp_path, home
+):
+    """Three runs of four utterances with 40 s of digital silence, then 40 s
+    of a noise floor, between them, split at 10 s: the segments inside the
+    silence are answered "" without the engine, get no cue, and the words
+    around them are heard as well as elsewhere."""
+    _, _, parts = long_recording
+    rng = np.random.default_rng(2029)
+    noise = rng.standard_normal(round(SILENCE_SECONDS * hearing.RATE)) * 10 ** (NOISE_FLOOR_DB / 20)
+    fillers = [np.zeros(round(SILENCE_SECONDS * hearing.RATE)), noise, None]
+    pieces, spans, quiet, at = [], [], [], 0.0
+    for index, filler in enumerate(fillers):
+        run = hearing.recording(parts[4 * index : 4 * index + 4], seed=2029 + index)
+        pieces.append(run.samples)
+        spans += [hearing.Span(at + s.start, at + s.end, s.words) for s in run.spans]
+        at += len(run.samples) / hearing.RATE
+        if filler is not None:
+            pieces.append(filler.astype(np.float32))
+            quiet.append((at, at + SILENCE_SECONDS))
+            at += SILENCE_SECONDS
+    path = hearing.write_wav(tmp_path / "pauses.wav", np.concatenate(pieces))
+    words = [w for span in spans for w in span.words]
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    lines = [{"id": "pauses", "audio": str(path), "reference": " ".join(words)}]
+    result = run_speech_model(
+        speech_model, home,
+        "--manifest", hearing.write_manifest(tmp_path / "jobs.jsonl", lines),
+        "--output", out, "--report", report, "--segment-seconds", str(SUBTITLE_SECONDS),
+        python=vllm_python("vllm-0.23"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers_by_id(out)  # no error, no alarm
+    [record] = read_jsonl(out)
+    segments = record["segments"]
+    silent = [s for s in segments if s.get("silent")]
+
+    def speech_in(segment: dict) -> float:
+        return sum(
+            max(0.0, min(segment["end"], s.end) - max(segment["start"], s.start)) for s in spans
+        )
+
+    # A segment without speech is silent, one with a word's worth (0.1 s) is
+    # heard; each 40 s stretch holds several silent ones.
+    times = [(s["start"], s["end"], s.get("silent", False), speech_in(s)) for s in segments]
+    for _, _, is_silent, speech in times:
+        assert is_silent == (speech == 0) or 0 < speech < 0.1, times
+    for begin, end in quiet:
+        assert sum(begin <= s["start"] and s["end"] <= end for s in silent) >= 3, times
+    assert all(s["answers"] == [""] and s["prompt_tokens"] == 0 for s in silent)
+    summary = json.loads(report.read_text())
+    assert summary["silent_segments"] == len(silent)
+    assert f"{len(silent)} silent segment(s) not sent" in result.stderr
+    # Every cue holds speech: none lies in the silence.
+    for begin, end, _ in tool.cues(record):
+        assert any(min(end, s.end) > max(begin, s.start) for s in spans), (begin, end)
+    wer = hearing.word_error_rate([" ".join(words)], [record["answer"]])
+    print(
+        f"{len(silent)} silent segments of {len(segments)}; WER {wer:.1%} over {len(words)} words"
+    )
+    assert wer <= SEGMENT_WER

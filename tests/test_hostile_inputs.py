@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     ROOT,
@@ -101,6 +102,7 @@ def test_strange_but_valid_file_alone_is_answered(case_id, corpus, tiny_model, h
         "--max-tokens",
         str(MAX_TOKENS),
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
     )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
@@ -154,6 +156,7 @@ def test_hostile_batch_loses_only_the_bad_items(corpus, clips, tiny_model, tmp_p
         "--max-tokens",
         str(MAX_TOKENS),
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
     )
     assert result.returncode == 1, result.stderr.decode()[-3000:]  # 1: some failed

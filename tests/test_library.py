@@ -10,7 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, ROOT, read_jsonl, run_cli, user_env
+from helpers import (
+    ASK_ONCE,
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    ROOT,
+    read_jsonl,
+    run_cli,
+    user_env,
+)
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 8
@@ -63,7 +71,8 @@ if __name__ == "__main__":
                                   gpu_memory_utilization=0.3))
     requests = rqa.read_manifest(Path(sys.argv[2]))
     params = SamplingParams(temperature=0, max_tokens=%d)
-    for record in rqa.answer_requests(llm, requests, params, rqa.Options()):
+    options = rqa.Options(guard=rqa.Guard(fallback=()))  # the CLI's --temperature-fallback none
+    for record in rqa.answer_requests(llm, requests, params, options):
         print(json.dumps(record))
 """
 
@@ -86,6 +95,7 @@ def test_records_from_python_equal_the_cli_jsonl(tiny_model, clips, home, tmp_pa
         "--max-tokens",
         MAX_TOKENS,
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=IN_PROCESS_ENGINE,
     )

@@ -11,6 +11,7 @@ import dataclasses
 import http.server
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -422,16 +423,32 @@ def test_a_truncated_clips_cue_ends_where_the_model_stopped_hearing(tmp_path):
     assert tool.cues(record) == [(0.0, 10.0, "cut:10.00s")]
 
 
-def test_a_split_clip_left_with_one_segment_keeps_that_segments_times(tmp_path):
+def test_a_split_clip_with_a_silent_segment_keeps_the_times_of_the_one_heard(tmp_path):
     # 27 s of silence, then 5 s of speech: the cut falls in the middle of the
-    # silence inside the 25-30 s search window, at 26 s; 0-26 s is dropped.
+    # silence inside the 25-30 s search window, at 26 s; 0-26 s is silent,
+    # answered "" without the engine, and gets no cue.
     samples = np.concatenate([np.zeros(27 * RATE, np.float32), speech_like(5, [])])
     soundfile.write(tmp_path / "late.wav", samples, RATE)
     request = tool.AudioRequest("late", [str(tmp_path / "late.wav")], "Which clip is late?")
     prepared = tool.prepare_request(request, tool.Options(prompt_format="chat"), None)
-    assert [(s.start_seconds, s.end_seconds) for s in prepared.segments] == [(26.0, 32.0)]
-    [record] = answer(FakeEngine(), [prepared])
+    assert [(s.start_seconds, s.end_seconds, s.silent) for s in prepared.segments] == [
+        (0.0, 26.0, True),
+        (26.0, 32.0, False),
+    ]
+    engine = FakeEngine()
+    [record] = answer(engine, [prepared])
+    assert len(engine.ids) == 1  # the silent segment never reached the engine
     assert record["answer"] == "late:6.00s"
+    assert record["segments"][0] == {
+        "start": 0.0,
+        "end": 26.0,
+        "answers": [""],
+        "token_ids": [[]],
+        "prompt_tokens": 0,
+        "output_tokens": 0,
+        "finish_reasons": ["silence"],
+        "silent": True,
+    }
     assert tool.cues(record) == [(26.0, 32.0, "late:6.00s")]
 
 
@@ -440,37 +457,52 @@ def test_a_split_clip_left_with_one_segment_keeps_that_segments_times(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def split(samples: np.ndarray, name: str) -> tuple[list[tuple[float, float]], list[str]]:
+def split(samples: np.ndarray, name: str) -> tuple[list[tuple[float, float]], list[bool]]:
+    """The segments' times, and which are silent."""
     warnings: list[str] = []
     clip = tool.Clip(name, samples, RATE, 1)
     segments = tool.apply_long_audio_policy([clip], tool.Options(long_audio="split"), warnings)
-    return [(s.start_seconds, s.end_seconds) for s in segments], warnings
+    assert warnings == []
+    return [(s.start_seconds, s.end_seconds) for s in segments], [s.silent for s in segments]
 
 
-def test_a_30_01_s_clip_ending_in_silence_drops_its_silent_tail_with_a_warning():
+def test_a_30_01_s_clip_ending_in_silence_has_a_silent_tail():
     # Speech to 28 s, silence to 30.01 s. The cut may go no later than 29.01 s
     # (1 s before the end), so the 25-29.01 s window holds 28-29.01 s of the
     # pause, 50 whole 20 ms frames: its middle is 28.5 s. 28.5-30.01 s is
-    # pure silence: dropped, and named.
-    segments, warnings = split(speech_like(30.01, [(28.0, 30.01)]), "end-silent.wav")
-    assert segments == [(0.0, 28.5)]
-    assert warnings == [
-        "audio end-silent.wav: 28.50-30.01 s is silent (under -60 dBFS): not sent to the model"
-    ]
+    # pure silence: not sent.
+    segments, silent = split(speech_like(30.01, [(28.0, 30.01)]), "end-silent.wav")
+    assert segments == [(0.0, 28.5), (28.5, 30.01)]
+    assert silent == [False, True]
 
 
 def test_a_30_3_s_clip_leaves_no_tail_under_1_s():
-    segments, warnings = split(speech_like(30.3, []), "talk.wav")
-    assert len(segments) == 2 and warnings == []
+    segments, silent = split(speech_like(30.3, []), "talk.wav")
+    assert len(segments) == 2 and silent == [False, False]
     assert segments[0][0] == 0.0 and segments[-1][1] == pytest.approx(30.3)
     assert all(1.0 <= end - start <= 30.0 for start, end in segments)
 
 
-def test_an_all_silent_long_clip_is_split_but_nothing_is_dropped():
+def test_an_all_silent_long_clip_is_split_and_nothing_is_sent():
     # 40 s of silence: the whole 25-30 s window is one pause, cut at 27.5 s.
-    segments, warnings = split(np.zeros(40 * RATE, np.float32), "silence.wav")
+    segments, silent = split(np.zeros(40 * RATE, np.float32), "silence.wav")
     assert segments == [(0.0, 27.5), (27.5, 40.0)]
-    assert warnings == []
+    assert silent == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("level_db", "silent"),
+    [(-math.inf, True), (-70.0, True), (-55.0, True), (-45.0, False), (-12.0, False)],
+)
+def test_a_segment_is_silent_when_its_loudest_20_ms_stays_under_the_silence_level(level_db, silent):
+    # White noise at a steady level (RMS, dBFS) for 40 s: one loud frame
+    # anywhere makes a segment heard.
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(40 * RATE).astype(np.float32) * 10 ** (level_db / 20)
+    assert split(noise, "noise.wav")[1] == [silent, silent]
+    click = noise.copy()
+    click[35 * RATE : 35 * RATE + 320] = 0.1  # one 20 ms frame at -20 dBFS
+    assert split(click, "click.wav")[1] == [silent, False]
 
 
 def word_gaps(start: float, end: float) -> list[tuple[float, float]]:

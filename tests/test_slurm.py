@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import soundfile
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     ROOT,
@@ -86,6 +87,7 @@ def submit(slurm: LocalSlurm, project: Path, home: Path, tiny_model: Path, *flag
         "0",
         *flags,
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
     ]
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -14,6 +14,7 @@ import soundfile
 import srt
 import webvtt
 from helpers import (
+    ASK_ONCE,
     CPU_ENGINE_FLAGS,
     IN_PROCESS_ENGINE,
     PAUSES,
@@ -57,6 +58,7 @@ def run_to_directory(tiny_model, manifest, directory, home, *flags):
         "4",
         *flags,
         *CPU_ENGINE_FLAGS,
+        *ASK_ONCE,
         home=home,
         env=IN_PROCESS_ENGINE,
     )
