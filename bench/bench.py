@@ -5,7 +5,7 @@ on CPU with the tests' tiny checkpoint (same clips, greedy, same max tokens):
     $PY bench/bench.py                 # every section
     $PY bench/bench.py run-batch       # only vLLM's batch runner vs this tool
 
-Sections: run-batch, check, speech, engine, stages, rss, decode. Prints
+Sections: run-batch, check, speech, guard, engine, stages, rss, decode. Prints
 tables; docs/benchmarks.md records the numbers with machine and date.
 `run-batch` runs vLLM's batch runner and this tool as whole processes, an
 untimed round first, then BENCH_ROUNDS (4) rounds in alternating order, on
@@ -464,6 +464,62 @@ def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> Comparison:
     return result
 
 
+GUARD_OFF = [
+    "--compression-ratio-threshold", "none", "--logprob-threshold", "none",
+    "--temperature-fallback", "none",
+]  # fmt: skip
+
+
+def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
+    """The answer guard's cost when nothing trips: the tool at its defaults
+    (every answer measured, log-probabilities asked of the engine) against
+    the guard turned off, on held-out speech for the speech-trained model,
+    greedy, alternating rounds after an untimed one."""
+    import hearing
+    from speech_model import install
+
+    model = install(folder / "speech-model")
+    media = folder / "guard"
+    media.mkdir()
+    speech = hearing.utterances(hearing.vocabulary(model), SPEECH_UTTERANCES, seed=4242)
+    for utterance in speech:
+        hearing.write_wav(media / f"{utterance.id}.wav", utterance.samples)
+    outputs = {"guard on": folder / "guard-on.jsonl", "guard off": folder / "guard-off.jsonl"}
+    argv = {
+        "guard on": tool_argv(model, media, outputs["guard on"], SPEECH_MAX_TOKENS),
+        "guard off": tool_argv(model, media, outputs["guard off"], SPEECH_MAX_TOKENS, *GUARD_OFF),
+    }
+    runs, orders = alternating_runs(argv, outputs, rounds, warm_up=True)
+    print(
+        f"\n## guard: {SPEECH_UTTERANCES} held-out utterances, speech model, greedy, "
+        f"at most {SPEECH_MAX_TOKENS} tokens, --max-num-seqs 64, vLLM's default layout"
+    )
+    print("| contender | median wall s | runs | median steady req/s | runs | WER | fallbacks |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    references = [u.text for u in speech]
+    for name, timings in runs.items():
+        records = {
+            Path(r["id"]).stem: r for r in map(json.loads, outputs[name].read_text().splitlines())
+        }
+        wer = hearing.word_error_rate(references, [records[u.id]["answer"] for u in speech])
+        fallbacks = sum(r.get("fallbacks", 0) for r in records.values())
+        suspect = sum("suspect" in r for r in records.values())
+        walls = [t.wall for t in timings]
+        rates = [t.steady_rate(SPEECH_UTTERANCES) for t in timings]
+        print(
+            f"| {name} | {statistics.median(walls):.1f} | {', '.join(f'{w:.1f}' for w in walls)} "
+            f"| {statistics.median(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} "
+            f"| {wer:.2%} | {fallbacks} ({suspect} suspect) |"
+        )
+    on, off = runs["guard on"], runs["guard off"]
+    steady = [a.steady_rate(1) / b.steady_rate(1) for a, b in zip(on, off, strict=True)]
+    print(
+        f"- steady req/s, guard on over off, round by round: "
+        f"{', '.join(f'{r:.3f}' for r in steady)} (median {statistics.median(steady):.3f})"
+    )
+    print(f"- order of each round: {orders}")
+
+
 def script_run(model: Path, manifest: Path, folder: Path, max_tokens: int) -> dict:
     """The script on a manifest; its report and the main process's peak RSS."""
     out, report = folder / f"{manifest.stem}.out.jsonl", folder / f"{manifest.stem}.report.json"
@@ -509,7 +565,7 @@ def decode_rate(paths: list[Path], threads: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-SECTIONS = ("run-batch", "check", "speech", "engine", "stages", "rss", "decode")
+SECTIONS = ("run-batch", "check", "speech", "guard", "engine", "stages", "rss", "decode")
 
 
 def main(sections: list[str]) -> None:
@@ -568,6 +624,9 @@ def main(sections: list[str]) -> None:
             f"length (at most {SPEECH_MAX_TOKENS} tokens), --max-num-seqs 64, vLLM's default "
             "layout",
         )
+
+    if "guard" in sections:
+        guard_cost(folder)
 
     if "engine" in sections:
         rates = engine_contenders_in_child(model, clips)
