@@ -146,6 +146,28 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     return known
 
 
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?", re.IGNORECASE)
+
+
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--flag -0.5` as `--flag=-0.5`: vLLM's argument parser reads a
+    word that starts with "-" and holds a "." as a dotted config option
+    (`-O.level`), and fails on `--logprob-threshold -0.5`."""
+    joined: list[str] = []
+    for arg in argv:
+        previous = joined[-1] if joined else ""
+        if (
+            NEGATIVE_NUMBER.fullmatch(arg)
+            and previous.startswith("--")
+            and "=" not in previous
+            and previous != "--"
+        ):
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def config_file_flags(path: str) -> list[str]:
     """A --config YAML file's scalar keys as flags, as vLLM's parser reads
     them (lists and mappings are not read here: no early flag takes one)."""
@@ -183,8 +205,7 @@ MAX_AUDIO_TOKENS_PER_CLIP = 750
 # the request; 0.1 s (10 frames, 2 tokens) is a sane floor with margin.
 MIN_CLIP_SECONDS = 0.1
 # A split segment whose loudest 20 ms frame (RMS) is under this many dBFS is
-# silence: answered "" without the engine (docs/design-notes.md: the level of
-# speech and of room noise, measured).
+# silence: answered "" without the engine (why -50: docs/usage.md, Long audio).
 SILENCE_DB = -50.0
 
 DEMO_ASSETS = ("mary_had_lamb", "winning_call")
@@ -647,6 +668,13 @@ class Options:
             if not (value > 0 and math.isfinite(value)):
                 shown = value / 2**20 if flag == "--max-audio-mb" else value
                 raise ExplainedError(f"{flag} {shown:g}: must be a number above 0")
+        if self.silence_db is not None and not (
+            math.isfinite(self.silence_db) and self.silence_db <= 0
+        ):
+            raise ExplainedError(
+                f"--silence-db {self.silence_db}: must be a level in dBFS, 0 or below "
+                f"(default {SILENCE_DB:g}), or none"
+            )
         if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
             raise ExplainedError(
                 f"--segment-seconds {self.segment_seconds}: must be between "
@@ -1365,7 +1393,7 @@ def apply_long_audio_policy(
 
 def is_split(clips: list[Clip], options: Options) -> bool:
     """Whether a request's audio is cut into segments (then its record lists
-    them with their times, even if silence left only one)."""
+    them with their times, silent ones included)."""
     return (
         options.long_audio == "split"
         and len(clips) == 1
@@ -1790,6 +1818,7 @@ def answer_requests(
     requests: Iterable[AudioRequest | PreparedRequest],
     sampling_params: Any = None,
     options: Options | None = None,
+    fallback_params: Callable[[float], Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Answer audio requests on a vLLM engine: one record per request, in
     request order (the records of the CLI's JSONL output).
@@ -1807,17 +1836,19 @@ def answer_requests(
     number of requests. A request that fails (bad audio, a prompt over the
     budget) gets an error record and costs the others nothing.
     sampling_params=None means the tutorial's. Items may also be requests
-    that prepare_request already decoded.
+    that prepare_request already decoded. An answer that trips options.guard
+    is asked again with fallback_params(temperature) (default: a copy of
+    sampling_params at that temperature; for a greedy request vLLM has
+    already reset top_p, top_k and min_p, which the CLI's keeps).
     """
-    from vllm.sampling_params import RequestOutputKind
-
     options = options or Options()
     we_start_engine = not hasattr(llm, "generate")  # llm is a factory: ours to stop
-    params = copy.copy(sampling_params or tutorial_sampling_params())
-    # Only the finished output of each request (what LLM.generate asks for).
-    params.output_kind = RequestOutputKind.FINAL_ONLY
-    if params.logprobs is None and options.guard.logprob_threshold is not None:
-        params.logprobs = 0  # the sampled token's alone: the guard's mean
+    params = sampling_params or tutorial_sampling_params()
+    make_fallback = fallback_params or functools.partial(at_temperature, params)
+    attempt_params = [params] + [
+        make_fallback(t) for t in options.guard.temperatures(params.temperature)
+    ]
+    attempt_params = [for_the_feeder(p, options.guard) for p in attempt_params]
     upcoming = iter(requests)
     pool = DecodePool(options.decode_workers)
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -1843,7 +1874,7 @@ def answer_requests(
         if options.max_model_len is None:  # the engine's own limit
             engine_limit = getattr(llm.llm_engine.model_config, "max_model_len", None)
             options = dataclasses.replace(options, max_model_len=engine_limit)
-        feeder = EngineFeeder(llm, params, options)
+        feeder = EngineFeeder(llm, attempt_params, options)
         while ahead or feeder.in_flight:
             # Admit in request order; wait for audio only when the engine has
             # nothing else to do (that wait is the record's wait_for_audio).
@@ -1972,16 +2003,30 @@ def at_temperature(params: Any, temperature: float) -> Any:
     return changed
 
 
+def for_the_feeder(params: Any, guard: Guard) -> Any:
+    """A copy of params that returns only each request's finished output (as
+    LLM.generate asks) and, for the guard, the sampled tokens' log-probabilities."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params = copy.copy(params)
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    if params.logprobs is None and guard.logprob_threshold is not None:
+        params.logprobs = 0  # the sampled token's alone
+    return params
+
+
 @dataclasses.dataclass
 class InFlight:
     """A request between its admission to the engine and its record."""
 
     prepared: PreparedRequest
     outputs: list[Any]  # per segment: the kept Attempt once it is settled
+    completions: int = 1  # answers per attempt (SamplingParams.n)
     wait_for_audio_seconds: float = 0.0
     engine_ids: list[str | None] = dataclasses.field(default_factory=list)  # None: not sent
     attempts: dict[int, list[Attempt]] = dataclasses.field(default_factory=dict)
     segment_errors: dict[int, ExplainedError] = dataclasses.field(default_factory=dict)
+    retry_failures: list[str] = dataclasses.field(default_factory=list)
     done: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     finished: float = 0.0
@@ -1994,8 +2039,11 @@ class InFlight:
         self, segment: int, output: Attempt | None = None, error: ExplainedError | None = None
     ) -> None:
         """A segment answered (its kept attempt) or failed (error); a retry
-        that failed keeps the best earlier attempt."""
+        that failed keeps the best earlier attempt, and says so."""
         if error is not None and self.attempts.get(segment):
+            self.retry_failures.append(
+                f"{error}; asked again after a suspect answer, so the best earlier attempt is kept"
+            )
             error, output = None, least_bad(self.attempts[segment])
         if error is not None:
             self.segment_errors[segment] = error
@@ -2006,8 +2054,10 @@ class InFlight:
             self.finished = time.perf_counter()
 
     def record(self) -> dict[str, Any]:
-        if self.prepared.error is None and len(self.segment_errors) == len(self.outputs):
-            self.prepared.error = self.segment_errors[0]  # nothing was answered
+        sent = [i for i, s in enumerate(self.prepared.segments) if not s.silent]
+        if self.prepared.error is None and sent and set(sent) <= set(self.segment_errors):
+            # Nothing that was sent was answered: the request failed.
+            self.prepared.error = self.segment_errors[min(self.segment_errors)]
         if self.prepared.error is not None:
             return error_record(self.prepared)
         timing = {
@@ -2017,9 +2067,17 @@ class InFlight:
             # engine, queueing behind others included.
             "engine_seconds": round(self.finished - self.started, 4),
         }
-        return result_record(
-            self.prepared, self.outputs, timing, self.segment_errors, self.attempts
+        record = result_record(
+            self.prepared,
+            self.outputs,
+            timing,
+            self.segment_errors,
+            self.attempts,
+            self.completions,
         )
+        if self.retry_failures:
+            record["warnings"] = [*record.get("warnings", []), *self.retry_failures]
+        return record
 
 
 # Finished outputs that one feeder's step() took from an engine for another
@@ -2083,17 +2141,16 @@ class EngineFeeder:
     Engine request ids are unique per feeder, so two feeders can share one
     engine; a segment the engine refuses, or no longer knows, fails alone."""
 
-    def __init__(self, llm: Any, params: Any, options: Options) -> None:
+    def __init__(self, llm: Any, attempt_params: list[Any], options: Options) -> None:
         self.engine = llm.llm_engine
         tokenizer = llm.get_tokenizer()
         # Most requests of a batch share one prompt: count its tokens once.
         self.count_tokens = functools.lru_cache(maxsize=256)(
             lambda text: len(tokenizer.encode(text, add_special_tokens=False))
         )
-        self.params, self.options = params, options
-        # Attempt k of a segment samples at temperatures[k].
-        self.temperatures = (params.temperature, *options.guard.temperatures(params.temperature))
-        self.attempt_params = [params] + [at_temperature(params, t) for t in self.temperatures[1:]]
+        # Attempt k of a segment samples with attempt_params[k].
+        self.params, self.attempt_params, self.options = attempt_params[0], attempt_params, options
+        self.temperatures = [p.temperature for p in attempt_params]
         self.retries: collections.deque[tuple[InFlight, int]] = collections.deque()
         self.in_flight: collections.deque[InFlight] = collections.deque()
         self.running: dict[str, tuple[InFlight, int]] = {}
@@ -2109,7 +2166,7 @@ class EngineFeeder:
         return not self.running
 
     def admit(self, prepared: PreparedRequest, waited: float) -> None:
-        entry = InFlight(prepared, [None] * len(prepared.segments))
+        entry = InFlight(prepared, [None] * len(prepared.segments), self.params.n)
         if self.idle():
             entry.wait_for_audio_seconds = waited
         if prepared.error is None and not prepared.prompt_tokens:
@@ -2287,13 +2344,14 @@ def result_record(
     timing: dict[str, float],
     segment_errors: Mapping[int, ExplainedError] | None = None,
     attempts: Mapping[int, list[Attempt]] | None = None,
+    completions: int = 1,
 ) -> dict[str, Any]:
     """The JSON record of an answered request: its segments' answers joined
     in order; a segment that failed (segment_errors) is left out of the
     answer, kept in "segments" with its error, and named in a warning."""
     segment_errors = segment_errors or {}
     attempts = attempts or {}
-    n = max((len(o.output.outputs) for o in outputs if o is not None and o.output), default=1)
+    n = completions
     parts = [
         failed_segment_record(segment_errors[i], s)
         if i in segment_errors
@@ -3018,8 +3076,8 @@ class RunReport:
             ),
             *(
                 [
-                    f"warning: {self.suspect} answer(s) suspect at every temperature tried "
-                    '(repetition or low log-probability: see "suspect" in their records)'
+                    f"warning: {self.suspect} request(s) with a suspect answer after every "
+                    'attempt (repetition or low log-probability: see "suspect" in their records)'
                 ]
                 if self.suspect
                 else []
@@ -3448,15 +3506,16 @@ def log_problems(record: dict[str, Any]) -> None:
         log(f"warning: {warning}")
 
 
-def build_sampling_params(args: argparse.Namespace) -> Any:
-    """vLLM's SamplingParams from the flags; values it refuses (--max-tokens
+def build_sampling_params(args: argparse.Namespace, temperature: float | None = None) -> Any:
+    """vLLM's SamplingParams from the flags (at temperature: a guard's
+    fallback attempt, every other flag kept); values it refuses (--max-tokens
     0, --temperature -1, --n 0 ...) are bad input, said before any loading."""
     from vllm import SamplingParams
 
     try:
         return SamplingParams(
             n=args.n,
-            temperature=args.temperature,
+            temperature=args.temperature if temperature is None else temperature,
             top_p=args.top_p,
             top_k=args.top_k,
             max_tokens=args.max_tokens,
@@ -3466,7 +3525,7 @@ def build_sampling_params(args: argparse.Namespace) -> Any:
     except Exception as exc:  # ValueError, or 0.32's VLLMValidationError
         raise ExplainedError(
             f"sampling flags: {escape_controls(str(exc))}; fix --temperature, --top-p, --top-k, "
-            "--max-tokens, --repetition-penalty or --n"
+            "--max-tokens, --repetition-penalty, --n or --temperature-fallback"
         )
 
 
@@ -3493,6 +3552,9 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     batch = bool(args.manifest or args.audio_dir)
     fmt = output_format(args, batch)
     params = build_sampling_params(args)
+    # Every attempt's, now: a fallback vLLM refuses (0 with --n 2) fails before loading.
+    for temperature in options.guard.temperatures(args.temperature):
+        build_sampling_params(args, temperature)
     check_report_path(args.report)
     check_not_the_manifest(args)
     to_answer: Sequence[AudioRequest | PreparedRequest] = (
@@ -3519,7 +3581,8 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
             where = args.output or args.output_dir
             log(f"nothing to do: all {len(requests)} request(s) are in {where}")
         else:
-            for record in answer_requests(start, to_answer, params, options):
+            fallback = functools.partial(build_sampling_params, args)
+            for record in answer_requests(start, to_answer, params, options, fallback):
                 if progress.done + 1 == len(to_answer):
                     # The last result: once it is written nothing can be lost,
                     # and vLLM shuts down when the loop ends; a signal from
@@ -3594,7 +3657,7 @@ def main(argv: list[str] | None = None) -> int:
     # moment ends with whole lines in the output and a resume hint.
     STOP_SIGNALS.install()
     quiet_resource_tracker()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
     early = argparse.Namespace(debug="--debug" in argv)  # until early_arguments has read it
     args = None
     try:

@@ -438,18 +438,27 @@ def tool_answers(out: Path) -> dict[str, str]:
 SPEECH_UTTERANCES, SPEECH_ROUNDS, SPEECH_MAX_TOKENS = 256, 4, 48
 
 
-def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> Comparison:
-    """Both batch runners on held-out espeak-ng utterances for the speech
-    model, answers of their own length, scored by WER."""
+def held_out_speech(folder: Path, name: str) -> tuple[Path, Path, list]:
+    """The speech model (built and cached on first use), and SPEECH_UTTERANCES
+    held-out utterances for it as WAV files in folder/name."""
     import hearing
     from speech_model import install
 
-    model = install(folder / "speech-model")
-    media = folder / "speech"
+    model = install(folder / "speech-model")  # a copy of the cached build
+    media = folder / name
     media.mkdir()
     speech = hearing.utterances(hearing.vocabulary(model), SPEECH_UTTERANCES, seed=4242)
     for utterance in speech:
         hearing.write_wav(media / f"{utterance.id}.wav", utterance.samples)
+    return model, media, speech
+
+
+def speech_comparison(folder: Path, rounds: int = SPEECH_ROUNDS) -> Comparison:
+    """Both batch runners on held-out espeak-ng utterances for the speech
+    model, answers of their own length, scored by WER."""
+    import hearing
+
+    model, media, speech = held_out_speech(folder, "speech")
     clips = sorted(media.glob("*.wav"))
     result = compare_runners("speech", model, clips, folder, SPEECH_MAX_TOKENS, rounds)
     answers = {
@@ -476,14 +485,8 @@ def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
     the guard turned off, on held-out speech for the speech-trained model,
     greedy, alternating rounds after an untimed one."""
     import hearing
-    from speech_model import install
 
-    model = install(folder / "speech-model")
-    media = folder / "guard"
-    media.mkdir()
-    speech = hearing.utterances(hearing.vocabulary(model), SPEECH_UTTERANCES, seed=4242)
-    for utterance in speech:
-        hearing.write_wav(media / f"{utterance.id}.wav", utterance.samples)
+    model, media, speech = held_out_speech(folder, "guard")
     outputs = {"guard on": folder / "guard-on.jsonl", "guard off": folder / "guard-off.jsonl"}
     argv = {
         "guard on": tool_argv(model, media, outputs["guard on"], SPEECH_MAX_TOKENS),

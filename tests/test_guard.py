@@ -35,8 +35,9 @@ pytestmark = pytest.mark.engine
 RATE = 16000
 # The tutorial's temperature, then Whisper's steps above it.
 TEMPERATURES = [0.2, 0.4, 0.6, 0.8, 1.0]
-# Any text of two bytes or more compresses to under ten times its size.
-EVERY_TEXT_REPEATS = ["--compression-ratio-threshold", "0.1", "--logprob-threshold", "none"]
+# A threshold under every compression ratio (an empty answer's is 0): every
+# answer trips as "repetition", whatever random weights say.
+EVERY_TEXT_REPEATS = ["--compression-ratio-threshold", "-1", "--logprob-threshold", "none"]
 
 
 def write_batch(folder: Path, long_seconds: int = 12) -> list[str]:
@@ -73,7 +74,7 @@ def test_an_answer_that_trips_is_asked_at_every_fallback_temperature_and_flagged
     assert len(records["long"]["segments"]) == 3
     for record in records.values():
         for part in parts(record):
-            assert part["compression_ratio"] > 0.1
+            assert part["compression_ratio"] >= 0
             assert part["mean_logprob"] is None  # not asked for: its threshold is off
             assert part["fallbacks"] == len(TEMPERATURES) - 1
             assert part["suspect"] == ["repetition"]
@@ -89,7 +90,9 @@ def test_an_answer_that_trips_is_asked_at_every_fallback_temperature_and_flagged
         f"guard: {len(records)} request(s) asked again (24 more attempt(s)), "
         f"{len(records)} suspect; 0 silent segment(s) not sent"
     ) in result.stderr
-    assert f"warning: {len(records)} answer(s) suspect at every temperature" in result.stderr
+    assert f"warning: {len(records)} request(s) with a suspect answer after every attempt" in (
+        result.stderr
+    )
 
 
 def test_with_fallback_none_nothing_is_asked_again_but_every_answer_is_measured(

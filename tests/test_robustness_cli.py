@@ -282,6 +282,10 @@ def test_vllm_failing_on_a_native_library_is_one_line(tiny_model, tmp_path, home
         (["--n", "0"], "sampling flags: "),
         (["--report", "no-such-dir/report.json"], "--report no-such-dir/report.json: cannot"),
         (["--model", "~no-such-user-rqa/ckpt"], "~no-such-user-rqa is not a user here"),
+        (["--n", "2", "--temperature-fallback", "0,0.5"], "n must be 1 when using greedy"),
+        (["--silence-db", "6"], "--silence-db 6.0: must be a level in dBFS, 0 or below"),
+        (["--silence-db", "nan"], "--silence-db nan: must be a level in dBFS"),
+        (["--temperature-fallback", "-0.5"], "temperatures must be numbers of 0 or more"),
     ],
 )
 def test_bad_flags_are_bad_input_not_a_crash(tiny_model, tmp_path, home, flags, says):
@@ -293,6 +297,19 @@ def test_bad_flags_are_bad_input_not_a_crash(tiny_model, tmp_path, home, flags, 
                      home=home, cwd=tmp_path)  # fmt: skip
     assert says in one_error_line(result)
     assert not (tmp_path / "a.json").exists()
+
+
+def test_negative_decimals_after_a_flag_are_values(tiny_model, tmp_path, home):
+    """vLLM's parser takes `-0.5` for a dotted config option (`-O.level`):
+    the tool hands it `--logprob-threshold=-0.5` instead."""
+    soundfile.write(tmp_path / "long.wav", tone(40, 16000), 16000)
+    result = run_cli(
+        "--model", tiny_model, "--audio", "long.wav", "--dry-run",
+        "--logprob-threshold", "-0.5", "--silence-db", "-40.5", "--temperature-fallback", "0.5,1",
+        home=home, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# segment 1 [" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ properties of splitting and of manifests over any input are in test_fuzz.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.server
 import io
 import json
@@ -102,6 +103,7 @@ class FakeEngine:
         self.running: dict[str, tuple[dict[str, Any], Any]] = {}
         self.ids: list[str] = []  # every id add_request was given
         self.params: list[Any] = []
+        self.sent: list[tuple[dict[str, Any], Any]] = []  # (prompt, params) of each call
         self.aborted: list[str] = []
         self.finished: list[tuple[str, str]] = []  # (who stepped, answer)
         self.stepper = ""  # set by a test that interleaves two consumers
@@ -111,6 +113,7 @@ class FakeEngine:
         self.calls += 1
         self.ids.append(request_id)
         self.params.append(params)
+        self.sent.append((prompt, params))
         problem = self.refuse(prompt)
         if problem is not None:
             raise problem
@@ -768,3 +771,112 @@ def test_a_failed_write_to_a_results_file_is_cut_back_to_the_last_whole_record(t
         out.write(json.dumps({"id": "b", "answer": "y" * 200_000}) + "\n")
     out.close(complete=False)
     assert path.read_text() == first
+
+
+# --------------------------------------------------------------------------
+# The answer guard in the feeder
+# --------------------------------------------------------------------------
+
+
+def clip_request(name: str, seconds: float) -> tool.PreparedRequest:
+    """A request of one clip, already decoded, whose fake answer is
+    "NAME:SECONDSs"."""
+    request = tool.AudioRequest(name, [f"{name}.wav"], f"Which clip is {name}?")
+    prompt = tool.build_prompt(request.question, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    segment = tool.Segment([tone(seconds, RATE)], 0.0, seconds)
+    return tool.PreparedRequest(request, prompt, [segment], seconds, [seconds])
+
+
+def guarded(fallback: tuple[float, ...] | None = None) -> tool.Options:
+    """Options whose guard finds every answer repeating (a threshold under any
+    compression ratio): each is asked at every fallback temperature."""
+    guard = tool.Guard(compression_ratio_threshold=-1.0, logprob_threshold=None, fallback=fallback)
+    return tool.Options(prompt_format="chat", guard=guard)
+
+
+def test_a_suspect_answer_is_asked_again_at_each_fallback_temperature_in_turn():
+    prepared = [clip_request("trips", 2.0), clip_request("also", 1.0)]
+    engine = FakeEngine()
+    params = SamplingParams(temperature=0.2, top_p=0.9, max_tokens=8, seed=7)
+    records = list(tool.answer_requests(FakeLLM(engine), prepared, params, guarded()))
+    sent = [(fake_answer(prompt), p.temperature, p.top_p, p.seed) for prompt, p in engine.sent]
+    for name, seconds in (("trips", "2.00"), ("also", "1.00")):
+        mine = [rest for answer, *rest in sent if answer == f"{name}:{seconds}s"]
+        assert mine == [[t, 0.9, 7] for t in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    for record in records:
+        assert record["fallbacks"] == 4 and record["suspect"] == ["repetition"]
+        assert record["temperature"] == 0.2  # all as bad: the first attempt is kept
+    assert [r["id"] for r in records] == ["trips", "also"]
+
+
+def test_a_greedy_request_asked_again_keeps_the_clis_other_sampling_flags():
+    args = tool.build_parser().parse_args(["--temperature", "0", "--top-p", "0.9", "--top-k", "5"])
+    first = tool.build_sampling_params(args)
+    assert (first.top_p, first.top_k) == (1.0, 0)  # vLLM's greedy reset
+    fallback = functools.partial(tool.build_sampling_params, args)
+    engine = FakeEngine()
+    list(
+        tool.answer_requests(
+            FakeLLM(engine), [clip_request("greedy", 1.0)], first, guarded(), fallback
+        )
+    )
+    assert [(p.temperature, p.top_p, p.top_k) for _, p in engine.sent] == [
+        (0.0, 1.0, 0),
+        *((t, 0.9, 5) for t in (0.2, 0.4, 0.6, 0.8, 1.0)),
+    ]
+
+
+def test_a_refused_retry_keeps_the_earlier_answer_and_says_so():
+    calls = {"n": 0}
+
+    def refuse_the_second(prompt):
+        calls["n"] += 1
+        return ValueError("no room") if calls["n"] == 2 else None
+
+    engine = FakeEngine(refuse=refuse_the_second)
+    params = SamplingParams(temperature=0.2, max_tokens=8)
+    [record] = tool.answer_requests(FakeLLM(engine), [clip_request("once", 1.0)], params, guarded())
+    assert "error" not in record
+    assert record["answer"] == "once:1.00s" and record["fallbacks"] == 0
+    assert record["suspect"] == ["repetition"]
+    assert any(
+        "the engine refused it (no room); asked again after a suspect answer" in w
+        for w in record["warnings"]
+    ), record["warnings"]
+
+
+def test_with_fallback_none_a_suspect_answer_is_flagged_not_asked_again():
+    engine = FakeEngine()
+    params = SamplingParams(temperature=0.2, max_tokens=8)
+    [record] = tool.answer_requests(
+        FakeLLM(engine), [clip_request("flag", 1.0)], params, guarded(fallback=())
+    )
+    assert len(engine.ids) == 1
+    assert record["fallbacks"] == 0 and record["suspect"] == ["repetition"]
+
+
+def test_a_recording_whose_every_heard_segment_failed_is_an_error_not_an_answer(tmp_path):
+    # 27 s of silence, then 5 s the engine refuses: nothing sent was answered.
+    samples = np.concatenate([np.zeros(27 * RATE, np.float32), speech_like(5, [])])
+    soundfile.write(tmp_path / "late.wav", samples, RATE)
+    request = tool.AudioRequest("late", [str(tmp_path / "late.wav")], "Which clip is late?")
+    options = tool.Options(prompt_format="chat")
+    prepared = tool.prepare_request(request, options, None)
+    engine = FakeEngine(refuse=lambda prompt: ValueError("too long"))
+    [record] = answer(engine, [prepared])
+    assert record["error"]["type"] == "engine_rejected", record
+
+
+def test_an_all_silent_recording_has_n_empty_answers():
+    silent = tool.Clip("silence.wav", np.zeros(40 * RATE, np.float32), RATE, 1)
+    request = tool.AudioRequest("quiet", ["silence.wav"], "Which clip is quiet?")
+    options = tool.Options(prompt_format="chat")
+    prepared = tool.PreparedRequest(request, prompt="Which clip is quiet?")
+    prepared.segments = tool.apply_long_audio_policy([silent], options, prepared.warnings)
+    prepared.split, prepared.clip_seconds, prepared.audio_seconds = True, [40.0], 40.0
+    engine = FakeEngine()
+    params = SamplingParams(temperature=0.7, n=3, max_tokens=8)
+    [record] = tool.answer_requests(FakeLLM(engine), [prepared], params, options)
+    assert engine.ids == []
+    assert record["answers"] == ["", "", ""] and record["finish_reason"] == "silence"
+    assert [s["silent"] for s in record["segments"]] == [True, True]
