@@ -15,9 +15,9 @@ Everything else is flags:
 
 Every vLLM engine flag (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
 ``--dtype`` ...) works under its usual name. The sections follow the
-pipeline (environment defaults -> arguments -> inputs -> prompts -> engine ->
-results -> writers -> report), and the command line that drives them, run()
-and main(), comes last. A function may use helpers and constants defined
+pipeline (environment defaults -> model profiles -> arguments -> inputs ->
+prompts -> engine -> results -> writers -> report), and the command line
+that drives them, run() and main(), comes last. A function may use helpers and constants defined
 further down (log, expand_path, OUTPUT_FORMATS ...).
 
 Exit codes: 0 all requests answered; 1 the run finished but some requests, or
@@ -193,14 +193,11 @@ def config_file_flags(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------
-# Constants of the model and of the tutorial
+# Constants of the tutorial and of the audio
 # --------------------------------------------------------------------------
 
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
-SAMPLE_RATE = 16_000  # Qwen2-Audio's Whisper front end; vLLM never resamples this.
-MEL_HOP = 160  # samples per mel frame
-MAX_CLIP_SECONDS = 30.0  # the processor pads/truncates to 3000 mel frames
-MAX_AUDIO_TOKENS_PER_CLIP = 750
+SAMPLE_RATE = 16_000  # the models' Whisper-style front ends; vLLM never resamples this.
 # Below 3 mel frames the encoder yields zero audio tokens and vLLM rejects
 # the request; 0.1 s (10 frames, 2 tokens) is a sane floor with margin.
 MIN_CLIP_SECONDS = 0.1
@@ -213,29 +210,8 @@ TUTORIAL_QUESTIONS = {
     1: "What is recited in the audio?",
     2: "What sport and what nursery rhyme are referenced?",
 }
-DEFAULT_QUESTION = "What is said in the audio?"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Engine defaults: the tutorial's limits, and the memory fraction vllm-ascend's
-# own CI runs this model at (at vLLM's default the engine core dies; see
-# docs/design-notes.md). A value the user gives always wins.
-ENGINE_DEFAULTS = {
-    "model": DEFAULT_MODEL,
-    "max_model_len": 4096,
-    "max_num_seqs": 5,
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.8,
-}
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
-SPECIAL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|audio_bos|>",
-    "<|AUDIO|>",
-    "<|audio_eos|>",
-)
 
 # Reference languages: Whisper's language codes (and Cantonese, yue). These
 # write no spaces between words, so they are scored per character (CER).
@@ -348,6 +324,173 @@ def summary_of(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------
+# Model profiles: everything this tool knows about a model family
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProfile:
+    """One model's prompt, audio limits, token cost and engine defaults, in
+    one place. Chosen once from the checkpoint's config (choose_profile) and
+    carried on Options: nothing downstream asks which model it is again."""
+
+    name: str
+    model_type: str  # config.json's model_type
+    chat: bool  # chat markup (an Instruct checkpoint ships a chat template)
+    hub_ids: tuple[str, ...]  # published checkpoints of this profile
+    build_prompt: Callable[[str, int, str | None], str]  # (question, clips, system prompt)
+    audio_tokens: Callable[[int], int]  # tokens a clip of N 16 kHz samples costs
+    window_seconds: float  # the most audio one clip may hold
+    special_tokens: tuple[str, ...]  # control tokens no question may contain
+    question: str  # asked when neither the request nor --question asks one
+    system_prompt: str | None  # None: the prompt has no system turn
+    published_config: Mapping[str, Any]  # config.json, for a checkpoint not on disk yet
+    engine_defaults: Mapping[str, Any]  # vllm.LLM arguments; a user's value wins
+
+    def prompt(self, question: str, num_clips: int, system_prompt: str | None = None) -> str:
+        chosen = self.system_prompt if system_prompt is None else system_prompt
+        return self.build_prompt(question, num_clips, chosen)
+
+    @property
+    def max_audio_tokens(self) -> int:
+        return self.audio_tokens(int(self.window_seconds * SAMPLE_RATE))
+
+    @property
+    def audio_tokens_per_second(self) -> float:
+        return self.audio_tokens(10 * SAMPLE_RATE) / 10
+
+
+def qwen2_audio_tokens(num_samples: int) -> int:
+    """Qwen2-Audio's audio tokens for a 16 kHz clip: a mel frame per 160
+    samples, at most 3000 (the processor pads/truncates to 30 s), halved by
+    the encoder's stride-2 convolution and again by its pooling."""
+    mel_frames = min(math.ceil(num_samples / 160), 3000)
+    after_conv = (mel_frames - 1) // 2 + 1
+    return max(0, (after_conv - 2) // 2 + 1)
+
+
+QWEN2_AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+
+def qwen2_audio_chat_prompt(question: str, num_clips: int, system_prompt: str | None) -> str:
+    """Qwen2-Audio-Instruct's chat format, exactly as the tutorial and chat template write it."""
+    audio_lines = "".join(f"Audio {i + 1}: {QWEN2_AUDIO_PLACEHOLDER}\n" for i in range(num_clips))
+    return (
+        f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+        "<|im_start|>user\n"
+        f"{audio_lines}{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def qwen2_audio_raw_prompt(question: str, num_clips: int, system_prompt: str | None = None) -> str:
+    """The base model's prompt (Qwen2-Audio-7B, as its evaluation scripts
+    write it): the audio parts, then the question; no chat markup, no system."""
+    return QWEN2_AUDIO_PLACEHOLDER * num_clips + question
+
+
+# Qwen2-Audio-7B(-Instruct)'s config.json as published (the same for both;
+# rebuilt from public copies: tests/fixtures/published/SOURCES.md). Its
+# text_config leaves the Qwen2 geometry (hidden size, layers, heads) to
+# transformers' defaults, which is why it is read through transformers.
+QWEN2_AUDIO_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2AudioForConditionalGeneration"],
+    "audio_config": {
+        "model_type": "qwen2_audio_encoder",
+        "num_mel_bins": 128,
+        "encoder_layers": 32,
+        "encoder_attention_heads": 20,
+        "encoder_ffn_dim": 5120,
+        "d_model": 1280,
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "max_source_positions": 1500,
+    },
+    "audio_token_index": 151646,
+    "model_type": "qwen2_audio",
+    "text_config": {
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 8192,
+        "model_type": "qwen2",
+        "rope_theta": 10000,
+        "rms_norm_eps": 1e-05,
+        "sliding_window": 32768,
+        "torch_dtype": "bfloat16",
+        "use_mrope": False,
+        "vocab_size": 156032,
+    },
+    "vocab_size": 156032,
+}
+
+QWEN2_AUDIO = ModelProfile(
+    name="qwen2-audio-instruct",
+    model_type="qwen2_audio",
+    chat=True,
+    hub_ids=(DEFAULT_MODEL,),
+    build_prompt=qwen2_audio_chat_prompt,
+    audio_tokens=qwen2_audio_tokens,
+    window_seconds=30.0,
+    special_tokens=(
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|audio_bos|>",
+        "<|AUDIO|>",
+        "<|audio_eos|>",
+    ),
+    question="What is said in the audio?",
+    system_prompt="You are a helpful assistant.",
+    published_config=QWEN2_AUDIO_CONFIG,
+    # The tutorial's limits, and the memory fraction vllm-ascend's own CI
+    # runs this model at (at vLLM's default the engine core dies; see
+    # docs/design-notes.md).
+    engine_defaults={
+        "max_model_len": 4096,
+        "max_num_seqs": 5,
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.8,
+    },
+)
+QWEN2_AUDIO_BASE = dataclasses.replace(
+    QWEN2_AUDIO,
+    name="qwen2-audio-base",
+    chat=False,
+    hub_ids=("Qwen/Qwen2-Audio-7B",),
+    build_prompt=qwen2_audio_raw_prompt,
+    system_prompt=None,
+)
+PROFILES = (QWEN2_AUDIO, QWEN2_AUDIO_BASE)
+
+
+def profile_for_hub_id(model: str) -> ModelProfile | None:
+    """The profile of a published checkpoint, by its hub id (None: not one we know)."""
+    return next((p for p in PROFILES if model in p.hub_ids), None)
+
+
+def choose_profile(prompt_format: str, facts: ModelFacts) -> ModelProfile:
+    """The checkpoint's profile: its family from config.json's model_type,
+    chat or raw from its chat template (auto) or --prompt-format."""
+    family = [p for p in PROFILES if p.model_type == facts.model_type]
+    source = escape_controls(facts.source)
+    if not family:
+        known = ", ".join(sorted({p.model_type for p in PROFILES}))
+        raise ExplainedError(
+            f"model {source}: model_type {facts.model_type!r} is not a model this "
+            f"tool runs (known: {known}); use a checkpoint of one of those"
+        )
+    chat = facts.chat_template if prompt_format == "auto" else prompt_format == "chat"
+    chosen = next((p for p in family if p.chat == chat), None)
+    if chosen is None:
+        raise ExplainedError(
+            f"--prompt-format {prompt_format}: model {source} has no such prompt; use "
+            "--prompt-format auto"
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------
 # The engine's packages: vLLM and the hub clients, or one line saying why not
 # --------------------------------------------------------------------------
 
@@ -425,22 +568,26 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     inputs.add_argument(
         "--question",
         help="the user question (default: the tutorial's for demo clips, "
-        f"otherwise {DEFAULT_QUESTION!r})",
+        f"otherwise {QWEN2_AUDIO.question!r})",
     )
-    inputs.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+    inputs.add_argument(
+        "--system-prompt",
+        default=argparse.SUPPRESS,  # the profile's: shown here, not as "None"
+        help=f"default: {QWEN2_AUDIO.system_prompt!r} (chat prompts only)",
+    )
     inputs.add_argument(
         "--prompt-format",
         choices=("auto", "chat", "raw"),
         default="auto",
         help="chat: the Instruct model's chat markup; raw: the base model's "
-        "(Qwen2-Audio-7B) <|audio_bos|><|AUDIO|><|audio_eos|>QUESTION, no system "
-        "prompt; auto (default): raw when the checkpoint has no chat template",
+        f"({QWEN2_AUDIO_BASE.hub_ids[0]}) {QWEN2_AUDIO_BASE.prompt('QUESTION', 1)}, no "
+        "system prompt; auto (default): raw when the checkpoint has no chat template",
     )
     inputs.add_argument(
         "--allow-special-tokens",
         action="store_true",
         help="let question/system prompt contain chat control tokens such as "
-        "<|im_end|> (refused by default: they would corrupt the prompt)",
+        f"{QWEN2_AUDIO.special_tokens[1]} (refused by default: they would corrupt the prompt)",
     )
     inputs.add_argument(
         "--long-audio",
@@ -452,8 +599,9 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     inputs.add_argument(
         "--segment-seconds",
         type=float,
-        default=MAX_CLIP_SECONDS,
-        help="longest segment when splitting (at most 30, the model's window)",
+        default=argparse.SUPPRESS,  # the profile's window
+        help=f"longest segment when splitting (default and most: the model's window, "
+        f"{QWEN2_AUDIO.window_seconds:g} s)",
     )
     inputs.add_argument(
         "--silence-db",
@@ -571,7 +719,9 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
 
     EngineArgs.add_cli_args(parser)
     # None = "follow the number of clips" (filled in by engine_kwargs).
-    parser.set_defaults(**ENGINE_DEFAULTS, limit_mm_per_prompt=None)
+    parser.set_defaults(
+        model=DEFAULT_MODEL, **QWEN2_AUDIO.engine_defaults, limit_mm_per_prompt=None
+    )
     return parser
 
 
@@ -641,13 +791,11 @@ class Options:
     every default is the CLI's (a test holds them equal) but max_model_len:
     None is the engine's."""
 
-    question: str | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    question: str | None = None  # None: the profile's
+    system_prompt: str | None = None  # None: the profile's
     allow_special_tokens: bool = False
-    # "chat", "raw", or "auto": answer_requests reads the engine's checkpoint.
-    prompt_format: str = "auto"
     long_audio: str = "split"
-    segment_seconds: float = MAX_CLIP_SECONDS
+    segment_seconds: float | None = None  # None: the profile's window
     url_timeout: float = 30.0
     max_audio_bytes: int = 512 * 2**20
     max_model_len: int | None = None  # None: the engine's (it checks the budget itself)
@@ -656,8 +804,12 @@ class Options:
     decode_workers: int = 2
     silence_db: float | None = SILENCE_DB  # None: every segment is sent
     guard: Guard = dataclasses.field(default_factory=Guard)
+    # None: answer_requests reads the engine's checkpoint (choose_profile).
+    profile: ModelProfile | None = None
 
     def __post_init__(self) -> None:
+        if self.profile is not None and not isinstance(self.profile, ModelProfile):
+            raise TypeError(f"Options.profile must be a ModelProfile, not {self.profile!r}")
         positive: dict[str, float] = {
             "--url-timeout": self.url_timeout,
             "--max-audio-mb": self.max_audio_bytes,
@@ -675,13 +827,26 @@ class Options:
                 f"--silence-db {self.silence_db}: must be a level in dBFS, 0 or below "
                 f"(default {SILENCE_DB:g}), or none"
             )
-        if not 2 * MIN_SEGMENT_SECONDS <= self.segment_seconds <= MAX_CLIP_SECONDS:
+        window = self.profile_or_default.window_seconds
+        if not 2 * MIN_SEGMENT_SECONDS <= self.segment_limit <= window:
             raise ExplainedError(
                 f"--segment-seconds {self.segment_seconds}: must be between "
-                f"{2 * MIN_SEGMENT_SECONDS:g} and {MAX_CLIP_SECONDS:g} (the model hears at "
-                f"most 30 s per clip, and no segment is cut shorter than "
+                f"{2 * MIN_SEGMENT_SECONDS:g} and {window:g} (the model hears at "
+                f"most {window:g} s per clip, and no segment is cut shorter than "
                 f"{MIN_SEGMENT_SECONDS:g} s)"
             )
+
+    @property
+    def profile_or_default(self) -> ModelProfile:
+        """The profile requests are prepared for: the default model's until
+        the CLI or answer_requests has read the checkpoint."""
+        return self.profile or QWEN2_AUDIO
+
+    @property
+    def segment_limit(self) -> float:
+        if self.segment_seconds is None:
+            return self.profile_or_default.window_seconds
+        return self.segment_seconds
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -694,11 +859,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
     max_model_len = args.max_model_len if args.max_model_len and args.max_model_len > 0 else None
     return Options(
         question=args.question,
-        system_prompt=args.system_prompt,
+        system_prompt=getattr(args, "system_prompt", None),
         allow_special_tokens=args.allow_special_tokens,
-        prompt_format=args.prompt_format,
         long_audio=args.long_audio,
-        segment_seconds=args.segment_seconds,
+        segment_seconds=getattr(args, "segment_seconds", None),
         url_timeout=args.url_timeout,
         max_audio_bytes=int(args.max_audio_mb * 1024 * 1024),
         max_model_len=max_model_len,
@@ -1040,13 +1204,6 @@ class Clip:
         return len(self.samples) / SAMPLE_RATE
 
 
-def audio_token_count(num_samples: int) -> int:
-    """Audio tokens Qwen2-Audio emits for a 16 kHz clip (25 per second, <= 750)."""
-    mel_frames = min(math.ceil(num_samples / MEL_HOP), 3000)
-    after_conv = (mel_frames - 1) // 2 + 1
-    return max(0, (after_conv - 2) // 2 + 1)
-
-
 def fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
     """Download one clip, bounded in time and size."""
     request = urllib.request.Request(url, headers={"User-Agent": "run_qwen2_audio"})
@@ -1276,7 +1433,7 @@ def check_clip(clip: Clip) -> None:
         )
     if clip.seconds < MIN_CLIP_SECONDS:
         raise ExplainedError(
-            f"audio {clip.source}: {clip.seconds:.3f} s is too short; Qwen2-Audio "
+            f"audio {clip.source}: {clip.seconds:.3f} s is too short; the model "
             f"needs at least {MIN_CLIP_SECONDS} s"
         )
 
@@ -1368,7 +1525,7 @@ def apply_long_audio_policy(
     refers to "Audio 1", "Audio 2"..., which splitting would renumber, so
     long clips there are truncated (with a warning) instead.
     """
-    limit = options.segment_seconds
+    limit = options.segment_limit
     long_clips = [c for c in clips if c.seconds > limit + 1e-9]
     if not long_clips:
         return [Segment([c.samples for c in clips], 0.0, max(c.seconds for c in clips))]
@@ -1397,7 +1554,7 @@ def is_split(clips: list[Clip], options: Options) -> bool:
     return (
         options.long_audio == "split"
         and len(clips) == 1
-        and clips[0].seconds > options.segment_seconds + 1e-9
+        and clips[0].seconds > options.segment_limit + 1e-9
     )
 
 
@@ -1428,25 +1585,6 @@ def loudest_frame_db(samples: np.ndarray) -> float:
 # --------------------------------------------------------------------------
 
 
-def build_prompt(question: str, num_clips: int, system_prompt: str) -> str:
-    """Qwen2-Audio's chat format, exactly as the tutorial and chat template write it."""
-    audio_lines = "".join(
-        f"Audio {i + 1}: <|audio_bos|><|AUDIO|><|audio_eos|>\n" for i in range(num_clips)
-    )
-    return (
-        f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-        "<|im_start|>user\n"
-        f"{audio_lines}{question}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-
-
-def raw_prompt(question: str, num_clips: int) -> str:
-    """The base model's prompt (Qwen2-Audio-7B, as its evaluation scripts
-    write it): the audio parts, then the question, no chat markup."""
-    return "<|audio_bos|><|AUDIO|><|audio_eos|>" * num_clips + question
-
-
 def has_chat_template(model_dir: Path) -> bool:
     """Whether a checkpoint ships a chat template (an Instruct model does;
     the base model has none), in any of the files transformers reads it from."""
@@ -1461,18 +1599,11 @@ def has_chat_template(model_dir: Path) -> bool:
     return False
 
 
-def choose_prompt_format(requested: str, facts: ModelFacts) -> str:
-    """auto -> raw for a checkpoint without a chat template, else chat (also
-    when the checkpoint is not on disk yet: the default model is Instruct)."""
-    if requested != "auto":
-        return requested
-    return "chat" if facts.chat_template else "raw"
-
-
-def check_no_special_tokens(text: str, what: str) -> None:
+def check_no_special_tokens(text: str, what: str, profile: ModelProfile) -> None:
     # Tokenizers map these strings to control tokens: a question containing
-    # <|im_end|> would end the user turn early, <|AUDIO|> would claim audio.
-    found = [token for token in SPECIAL_TOKENS if token in text]
+    # an end-of-turn token would end the user turn early, an audio
+    # placeholder would claim audio.
+    found = [token for token in profile.special_tokens if token in text]
     if found:
         raise ExplainedError(
             f"{what} contains the chat control token(s) {' '.join(found)}; remove "
@@ -1481,7 +1612,7 @@ def check_no_special_tokens(text: str, what: str) -> None:
 
 
 def question_for(request: AudioRequest, options: Options) -> str:
-    return request.question or options.question or DEFAULT_QUESTION
+    return request.question or options.question or options.profile_or_default.question
 
 
 # --------------------------------------------------------------------------
@@ -1526,25 +1657,24 @@ def prepare_request(
     try:
         if request.error is not None:
             raise request.error
+        profile = options.profile_or_default
         question = question_for(request, options)
         system_prompt = request.system_prompt or options.system_prompt
-        raw = options.prompt_format == "raw"
+        if system_prompt is None:
+            system_prompt = profile.system_prompt
         name = f"request {escape_controls(request.id)}"
         if not options.allow_special_tokens:
-            check_no_special_tokens(question, f"{name}: question")
-            if not raw:
-                check_no_special_tokens(system_prompt, f"{name}: system prompt")
-        if raw and request.system_prompt:
+            check_no_special_tokens(question, f"{name}: question", profile)
+            if profile.system_prompt is not None:
+                check_no_special_tokens(system_prompt, f"{name}: system prompt", profile)
+        if profile.system_prompt is None and request.system_prompt:
             prepared.warnings.append(f"{name}: system_prompt not used (the raw prompt has none)")
         clips = [load_clip(source, options) for source in request.audio]
         prepared.audio_seconds = sum(c.seconds for c in clips)
         prepared.clip_seconds = [c.seconds for c in clips]
         prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
         prepared.split = is_split(clips, options)
-        if raw:
-            prepared.prompt = raw_prompt(question, len(clips))
-        else:
-            prepared.prompt = build_prompt(question, len(clips), system_prompt)
+        prepared.prompt = profile.prompt(question, len(clips), system_prompt)
         if count_tokens is not None:
             count_prompt_tokens(prepared, count_tokens, options)
     except ExplainedError as exc:
@@ -1560,9 +1690,10 @@ def count_prompt_tokens(
 ) -> None:
     """Each segment's prompt tokens; ExplainedError if one is over the budget."""
     clips = len(prepared.segments[0].clips)
-    text_tokens = count_tokens(prepared.prompt) - clips  # without the <|AUDIO|> placeholders
+    text_tokens = count_tokens(prepared.prompt) - clips  # without the audio placeholders
     prepared.prompt_tokens = [
-        text_tokens + sum(audio_token_count(len(s)) for s in seg.clips) for seg in prepared.segments
+        text_tokens + sum(options.profile_or_default.audio_tokens(len(s)) for s in seg.clips)
+        for seg in prepared.segments
     ]
     check_budget(prepared.id, max(prepared.prompt_tokens), options)
 
@@ -1734,16 +1865,20 @@ def hub_unreachable(hub: str) -> str | None:
 
 
 def engine_kwargs(
-    model: str = DEFAULT_MODEL, max_clips: int = 1, **engine_flags: Any
+    model: str = DEFAULT_MODEL,
+    max_clips: int = 1,
+    profile: ModelProfile = QWEN2_AUDIO,
+    **engine_flags: Any,
 ) -> dict[str, Any]:
-    """The keyword arguments for vllm.LLM(...): the tutorial's limits and
-    this tool's NPU defaults (ENGINE_DEFAULTS), limit_mm_per_prompt following
-    the clip count, and engine_flags (EngineArgs field names) over both.
+    """The keyword arguments for vllm.LLM(...): the profile's engine
+    defaults (Qwen2-Audio's: the tutorial's limits and this tool's NPU
+    settings), limit_mm_per_prompt following the clip count, and
+    engine_flags (EngineArgs field names) over both.
 
     Only values that differ from vLLM's own defaults are kept: the shortest
     call that means the same on every vLLM version, and what --dry-run shows.
     """
-    chosen = {**ENGINE_DEFAULTS, **engine_flags, "model": model}
+    chosen = {**profile.engine_defaults, **engine_flags, "model": model}
     if chosen.get("limit_mm_per_prompt") is None:
         chosen["limit_mm_per_prompt"] = {"audio": max(1, max_clips)}
     allowed = chosen["limit_mm_per_prompt"].get("audio", 0)
@@ -1824,8 +1959,8 @@ def answer_requests(
     request order (the records of the CLI's JSONL output).
 
     llm is a vllm.LLM, or a function that makes one: then the first requests'
-    audio is decoded while the engine starts (unless options.prompt_format
-    is "auto": the engine's checkpoint tells chat from raw first), and the
+    audio is decoded while the engine starts (unless options.profile is
+    None: the engine's checkpoint chooses it first), and the
     engine is stopped when the records end or the generator is closed (so
     the function must make a new LLM, not hand out a shared one). Audio is decoded ahead in
     options.decode_workers threads, and the engine is kept fed: a request's
@@ -1862,13 +1997,13 @@ def answer_requests(
 
     feeder = None
     try:
-        if options.prompt_format == "auto":  # the engine's checkpoint decides
+        if options.profile is None:  # the engine's checkpoint decides
             llm = llm if hasattr(llm, "generate") else llm()
             model_config = llm.llm_engine.model_config
             model_dir = checkpoint_directory(model_config.model)
             remote = bool(getattr(model_config, "trust_remote_code", False))
-            chosen = choose_prompt_format("auto", read_model_facts(model_dir, remote))
-            options = dataclasses.replace(options, prompt_format=chosen)
+            facts = read_model_facts(model_dir, remote, model_config.model)
+            options = dataclasses.replace(options, profile=choose_profile("auto", facts))
         decode_ahead()
         llm = llm if hasattr(llm, "generate") else llm()
         if options.max_model_len is None:  # the engine's own limit
@@ -2012,6 +2147,9 @@ def for_the_feeder(params: Any, guard: Guard) -> Any:
     params.output_kind = RequestOutputKind.FINAL_ONLY
     if params.logprobs is None and guard.logprob_threshold is not None:
         params.logprobs = 0  # the sampled token's alone
+        # Flat lists instead of a dict per token: the same numbers, less
+        # garbage for the collector (docs/benchmarks.md, guard).
+        params.flat_logprobs = True
     return params
 
 
@@ -3101,7 +3239,9 @@ def dry_run(
     out = sys.stdout
     failed = 0
     largest_prompt = 0
-    out.write(f"# prompt format: {options.prompt_format}\n")
+    profile = options.profile_or_default
+    out.write(f"# model profile: {profile.name}\n")
+    out.write(f"# prompt format: {'chat' if profile.chat else 'raw'}\n")
     for request in requests:
         prepared = prepare_request(request, options, count)
         if prepared.error is not None:
@@ -3118,13 +3258,14 @@ def dry_run(
                     f"(under --silence-db {options.silence_db:g} dBFS): not sent\n"
                 )
                 continue
-            audio = [audio_token_count(len(s)) for s in seg.clips]
+            audio = [profile.audio_tokens(len(s)) for s in seg.clips]
             total = prepared.prompt_tokens[i] if prepared.prompt_tokens else None
             limit = options.max_model_len or facts.max_positions  # auto: the model's
             largest_prompt = max(largest_prompt, total if total is not None else sum(audio))
             out.write(
                 f"# segment {i} [{seg.start_seconds:.2f}-{seg.end_seconds:.2f} s]: "
-                f"audio tokens {audio} (25/s, <= {MAX_AUDIO_TOKENS_PER_CLIP} per clip)"
+                f"audio tokens {audio} ({profile.audio_tokens_per_second:g}/s, "
+                f"<= {profile.max_audio_tokens} per clip)"
                 + (
                     f", prompt tokens {total} of max_model_len {limit}; {limit - total} left "
                     f"for output (max_tokens {options.max_tokens})"
@@ -3151,41 +3292,6 @@ def dry_run(
 # Memory estimate (for --dry-run)
 # --------------------------------------------------------------------------
 
-# Qwen2-Audio-7B-Instruct's config.json as published (rebuilt from public
-# copies: tests/fixtures/published/SOURCES.md), for a --dry-run before the
-# model is downloaded. Its text_config leaves the Qwen2 geometry (hidden size, layers,
-# heads) to transformers' defaults, which is why it is read through transformers.
-PUBLISHED_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen2AudioForConditionalGeneration"],
-    "audio_config": {
-        "model_type": "qwen2_audio_encoder",
-        "num_mel_bins": 128,
-        "encoder_layers": 32,
-        "encoder_attention_heads": 20,
-        "encoder_ffn_dim": 5120,
-        "d_model": 1280,
-        "activation_function": "gelu",
-        "scale_embedding": False,
-        "max_source_positions": 1500,
-    },
-    "audio_token_index": 151646,
-    "model_type": "qwen2_audio",
-    "text_config": {
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "intermediate_size": 11008,
-        "max_position_embeddings": 8192,
-        "model_type": "qwen2",
-        "rope_theta": 10000,
-        "rms_norm_eps": 1e-05,
-        "sliding_window": 32768,
-        "torch_dtype": "bfloat16",
-        "use_mrope": False,
-        "vocab_size": 156032,
-    },
-    "vocab_size": 156032,
-}
-
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
@@ -3196,11 +3302,13 @@ class ModelFacts:
     leaves out)."""
 
     config: Any  # transformers' config object
+    source: str  # the checkpoint directory, or the hub id whose published config this is
+    model_type: str  # config.json's: which profiles may run it
     kv_values_per_token: int  # K and V of every layer and KV head
     max_positions: int  # what --max-model-len auto gives
     dtype: str  # the checkpoint's own: what --dtype auto loads
     chat_template: bool  # Instruct checkpoints ship one, the base model none
-    published: bool = False  # not on disk: Qwen2-Audio-7B-Instruct's published config
+    published: bool = False  # not on disk: source is the hub id whose published config it is
 
     @functools.cached_property
     def parameters(self) -> int | None:
@@ -3223,13 +3331,19 @@ class ModelFacts:
         return sum(p.numel() for p in model.parameters())
 
 
-def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) -> ModelFacts:
-    """The checkpoint's facts; PUBLISHED_CONFIG's when it is not on disk yet."""
+def read_model_facts(
+    model_dir: Path | None, trust_remote_code: bool = False, hub_id: str = DEFAULT_MODEL
+) -> ModelFacts:
+    """The checkpoint's facts; when it is not on disk yet, those of hub_id's
+    published config (the default model's for a hub id no profile knows)."""
     from transformers import AutoConfig
 
+    published = None
+    if model_dir is None:
+        published = profile_for_hub_id(hub_id) or profile_for_hub_id(DEFAULT_MODEL)
     try:
-        if model_dir is None:
-            config = AutoConfig.for_model(**PUBLISHED_CONFIG)
+        if published is not None:
+            config = AutoConfig.for_model(**published.published_config)
         else:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         text = config.get_text_config()
@@ -3255,11 +3369,13 @@ def read_model_facts(model_dir: Path | None, trust_remote_code: bool = False) ->
     )
     return ModelFacts(
         config=config,
+        source=published.hub_ids[0] if published else str(model_dir),
+        model_type=str(getattr(config, "model_type", "")),
         kv_values_per_token=kv_values,
         max_positions=max_positions,
         dtype=str(dtype).removeprefix("torch."),
-        chat_template=model_dir is None or has_chat_template(model_dir),
-        published=model_dir is None,
+        chat_template=published.chat if published else has_chat_template(model_dir),
+        published=published is not None,
     )
 
 
@@ -3314,7 +3430,8 @@ def memory_estimate_lines(
     tp = max(1, int(setting("tensor_parallel_size") or 1))
     gib = 2**30
     kv_bytes_per_token = facts.kv_values_per_token * size
-    source = " (Qwen2-Audio-7B-Instruct's config: not on disk yet)" if facts.published else ""
+    name = facts.source.split("/")[-1]
+    source = f" ({name}'s config: not on disk yet)" if facts.published else ""
     parameters = facts.parameters
     if parameters is None:
         return [
@@ -3536,15 +3653,18 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     options = options_from_args(args)
     shard_index, shard_count = parse_shard(args.shard)
     requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
+    facts = read_model_facts(model.directory, args.trust_remote_code, model.name)
+    profile = choose_profile(args.prompt_format, facts)
     flags = {**engine_choices, "model": model.for_engine()}
-    llm_kwargs = engine_kwargs(max_clips=max((len(r.audio) for r in requests), default=1), **flags)
+    max_clips = max((len(r.audio) for r in requests), default=1)
+    llm_kwargs = engine_kwargs(max_clips=max_clips, profile=profile, **flags)
     # Loading the processor also checks the checkpoint before minutes of loading.
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
-    facts = read_model_facts(model.directory, args.trust_remote_code)
-    prompt_format = choose_prompt_format(args.prompt_format, facts)
-    if args.prompt_format == "auto" and prompt_format == "raw" and not args.dry_run:
-        log(f"note: --prompt-format {prompt_format}: the checkpoint has no chat template")
-    options = dataclasses.replace(options, prompt_format=prompt_format)
+    if args.prompt_format == "auto" and not profile.chat and not args.dry_run:
+        log("note: --prompt-format raw: the checkpoint has no chat template")
+    if model.directory is not None or profile_for_hub_id(model.name) or args.dry_run:
+        options = dataclasses.replace(options, profile=profile)
+    # else a hub id vLLM downloads: answer_requests reads its checkpoint then.
     if any(r.reference is not None for r in requests):
         scoring_tools()  # missing packages fail now, not after the engine started
     if args.dry_run:

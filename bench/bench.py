@@ -116,7 +116,7 @@ def transformers_loop(model: Path, clips: list[Path]) -> float:
 
     processor = AutoProcessor.from_pretrained(model)
     net = Qwen2AudioForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    prompt = tool.QWEN2_AUDIO.prompt(tool.QWEN2_AUDIO.question, 1)
     started = time.perf_counter()
     for clip in clips:
         audio, _ = soundfile.read(clip, dtype="float32")
@@ -145,12 +145,12 @@ def run_batch_lines(model: Path, clips: list[Path], max_tokens: int = MAX_TOKENS
     for clip in clips:
         user = [
             {"type": "audio_url", "audio_url": {"url": clip.as_uri()}},
-            {"type": "text", "text": tool.DEFAULT_QUESTION},
+            {"type": "text", "text": tool.QWEN2_AUDIO.question},
         ]
         body = {
             "model": str(model),
             "messages": [
-                {"role": "system", "content": tool.DEFAULT_SYSTEM_PROMPT},
+                {"role": "system", "content": tool.QWEN2_AUDIO.system_prompt},
                 {"role": "user", "content": user},
             ],
             "max_tokens": max_tokens,

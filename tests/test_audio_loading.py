@@ -56,7 +56,7 @@ def test_long_mp3_loses_no_audio_at_block_boundaries(tmp_path):
     ("seconds", "tokens"), [(1, 25), (3, 75), (5, 125), (30, 750), (45, 750), (0.1, 2)]
 )
 def test_audio_tokens_are_25_per_second_up_to_750(seconds, tokens):
-    assert tool.audio_token_count(int(seconds * 16000)) == tokens
+    assert tool.qwen2_audio_tokens(int(seconds * 16000)) == tokens
 
 
 def test_8_channel_96k_file_is_downmixed(tmp_path):

@@ -155,7 +155,7 @@ def test_memory_estimate_for_qwen2_audio_7b_is_what_transformers_builds():
 def test_the_config_a_dry_run_plans_with_before_a_download_is_the_published_one():
     published = json.loads((PUBLISHED / "Qwen2-Audio-7B-Instruct/config.json").read_text())
     published.pop("transformers_version", None)
-    assert tool.PUBLISHED_CONFIG == published
+    assert tool.QWEN2_AUDIO.published_config == published
 
 
 def test_parameter_count_of_a_checkpoint_is_what_it_stores(tiny_model):

@@ -203,7 +203,7 @@ def test_readme_run_line_answers_own_audio_like_transformers(
     assert "Qwen2AudioForConditionalGeneration" in result.stderr
     [record] = json.loads((user_folder / "results/x.json").read_text())
     assert record["audio"] == ["/data/x.wav"]
-    assert record["prompt"] == tool.build_prompt("What is said?", 1, tool.DEFAULT_SYSTEM_PROMPT)
+    assert record["prompt"] == tool.QWEN2_AUDIO.prompt("What is said?", 1)
     assert record["token_ids"] == [
         greedy_reference(tiny_model, record, user_folder / "audio/x.wav")
     ]

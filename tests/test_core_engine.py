@@ -50,9 +50,7 @@ def test_two_clips_in_one_prompt_match_transformers(real_vocabulary_model, clips
     )
     [record] = load_json_output(result)
 
-    assert record["prompt"] == tool.build_prompt(
-        tool.DEFAULT_QUESTION, 2, tool.DEFAULT_SYSTEM_PROMPT
-    )
+    assert record["prompt"] == tool.QWEN2_AUDIO.prompt(tool.QWEN2_AUDIO.question, 2)
     expected_tokens = text_tokens(real_vocabulary_model, record["prompt"], 2) + 25 * 5 + 25 * 3
     assert record["prompt_tokens"] == expected_tokens
     ref_prompt_tokens, ref_ids = transformers_greedy_ids(

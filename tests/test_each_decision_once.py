@@ -146,7 +146,7 @@ def test_a_hub_model_in_the_cache_resolves_to_its_own_prompt_format(
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "False")
     directory = tool.checkpoint_directory("Qwen/Qwen2-Audio-7B")
     assert directory is not None and directory.is_relative_to(cache)
-    assert tool.choose_prompt_format("auto", tool.read_model_facts(directory)) == "raw"
+    assert tool.choose_profile("auto", tool.read_model_facts(directory)) is tool.QWEN2_AUDIO_BASE
 
 
 def test_the_budget_is_the_engines_unless_one_is_given(tiny_model, tmp_path):

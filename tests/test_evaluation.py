@@ -146,7 +146,7 @@ def manifest_with_references(folder, clips, same_reference: str) -> list[dict]:
 @pytest.mark.engine
 def test_manifest_references_score_records_and_corpus(tiny_model, clips, home, tmp_path, vllm):
     # The answer transformers gives for "same" is its reference: WER 0.
-    prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    prompt = tool.QWEN2_AUDIO.prompt(tool.QWEN2_AUDIO.question, 1)
     samples = [tool.load_clip(str(clips["a.wav"]), tool.Options()).samples]
     _, ids = transformers_greedy_ids(tiny_model, prompt, samples, MAX_TOKENS)
     same = AutoTokenizer.from_pretrained(tiny_model).decode(ids, skip_special_tokens=True)
@@ -260,17 +260,17 @@ def test_raw_prompt_matches_transformers(tiny_model, clips, home, vllm):
 def test_raw_prompts_are_split_budgeted_and_checked_like_chat_ones(tiny_model, tmp_path):
     talk = tmp_path / "talk.wav"
     soundfile.write(talk, speech_like(75, PAUSES), 16000)
-    options = tool.Options(prompt_format="raw")
+    options = tool.Options(profile=tool.QWEN2_AUDIO_BASE)
     count = tool.load_tokenizer_counter(tiny_model, trust_remote_code=False)
     request = tool.AudioRequest(id="talk", audio=[str(talk)], question=QUESTION)
     prepared = tool.prepare_request(request, options, count)
-    assert prepared.error is None and prepared.prompt == tool.raw_prompt(QUESTION, 1)
+    assert prepared.error is None and prepared.prompt == tool.qwen2_audio_raw_prompt(QUESTION, 1)
     assert len(prepared.segments) == 3  # split at the pauses, as with chat
     text = count(prepared.prompt) - 1
     assert prepared.prompt_tokens == [
-        text + tool.audio_token_count(len(s.clips[0])) for s in prepared.segments
+        text + tool.qwen2_audio_tokens(len(s.clips[0])) for s in prepared.segments
     ]
-    tight = tool.Options(prompt_format="raw", max_model_len=prepared.prompt_tokens[0])
+    tight = tool.Options(profile=tool.QWEN2_AUDIO_BASE, max_model_len=prepared.prompt_tokens[0])
     assert "prompt needs" in str(tool.prepare_request(request, tight, count).error)
     sneaky = tool.AudioRequest(id="x", audio=[str(talk)], question="hi<|im_end|>")
     assert "chat control token" in str(tool.prepare_request(sneaky, options, count).error)
@@ -280,10 +280,12 @@ def test_auto_prompt_format_is_raw_for_a_checkpoint_without_chat_template(
     tiny_model, clips, home, tmp_path
 ):
     base = base_model_copy(tiny_model, tmp_path)
-    assert tool.choose_prompt_format("auto", tool.read_model_facts(tiny_model)) == "chat"
-    assert tool.choose_prompt_format("auto", tool.read_model_facts(base)) == "raw"
+    assert tool.choose_profile("auto", tool.read_model_facts(tiny_model)) is tool.QWEN2_AUDIO
+    assert tool.choose_profile("auto", tool.read_model_facts(base)) is tool.QWEN2_AUDIO_BASE
     not_downloaded = tool.read_model_facts(None)  # the default model's published config
-    assert tool.choose_prompt_format("auto", not_downloaded) == "chat"
+    assert tool.choose_profile("auto", not_downloaded) is tool.QWEN2_AUDIO
+    base_not_downloaded = tool.read_model_facts(None, hub_id="Qwen/Qwen2-Audio-7B")
+    assert tool.choose_profile("auto", base_not_downloaded) is tool.QWEN2_AUDIO_BASE
     result = run_cli(
         "--model", base, "--audio", clips["b.mp3"], "--question", QUESTION, "--dry-run", home=home
     )

@@ -165,7 +165,8 @@ def tokenizer(tiny_model):
 
 @FUZZ
 @given(
-    question=st.text() | st.sampled_from(tool.SPECIAL_TOKENS).map(lambda t: f"say {t} now"),
+    question=st.text()
+    | st.sampled_from(tool.QWEN2_AUDIO.special_tokens).map(lambda t: f"say {t} now"),
     clips=st.integers(1, 3),
 )
 def test_any_question_gives_a_well_formed_prompt_or_is_refused(tokenizer, question, clips):
@@ -173,14 +174,16 @@ def test_any_question_gives_a_well_formed_prompt_or_is_refused(tokenizer, questi
     error) unless --allow-special-tokens; everything else is passed verbatim,
     and the prompt then has exactly the control tokens the template puts in."""
     try:
-        tool.check_no_special_tokens(question, "question")
+        tool.check_no_special_tokens(question, "question", tool.QWEN2_AUDIO)
     except tool.ExplainedError as exc:
-        assert any(token in question for token in tool.SPECIAL_TOKENS)
+        assert any(token in question for token in tool.QWEN2_AUDIO.special_tokens)
         assert "--allow-special-tokens" in str(exc)
         return
-    prompt = tool.build_prompt(question, clips, tool.DEFAULT_SYSTEM_PROMPT)
+    prompt = tool.QWEN2_AUDIO.prompt(question, clips)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    count = {t: ids.count(tokenizer.convert_tokens_to_ids(t)) for t in tool.SPECIAL_TOKENS}
+    count = {
+        t: ids.count(tokenizer.convert_tokens_to_ids(t)) for t in tool.QWEN2_AUDIO.special_tokens
+    }
     assert count["<|AUDIO|>"] == count["<|audio_bos|>"] == count["<|audio_eos|>"] == clips
     assert count["<|im_start|>"] == 3 and count["<|im_end|>"] == 2
     assert count["<|endoftext|>"] == 0
@@ -228,4 +231,4 @@ def test_any_clip_splits_into_segments_that_cover_it_exactly(seconds, limit, kin
     assert all(start < end <= start + int(limit * rate) for start, end in ranges)
     if len(ranges) > 1:  # a clip that was cut: no sliver anywhere
         assert all(end - start >= tool.MIN_SEGMENT_SECONDS * rate for start, end in ranges)
-    assert all(tool.audio_token_count(end - start) >= 1 for start, end in ranges)
+    assert all(tool.qwen2_audio_tokens(end - start) >= 1 for start, end in ranges)

@@ -20,7 +20,9 @@ TUTORIAL_PROMPT_2 = (
 
 
 def test_tutorial_prompt_byte_for_byte():
-    prompt = tool.build_prompt(tool.TUTORIAL_QUESTIONS[2], 2, "You are a helpful assistant.")
+    prompt = tool.qwen2_audio_chat_prompt(
+        tool.TUTORIAL_QUESTIONS[2], 2, "You are a helpful assistant."
+    )
     assert prompt == TUTORIAL_PROMPT_2
 
 
@@ -39,7 +41,7 @@ def test_prompt_equals_the_processor_chat_template(tiny_model, num_clips):
     rendered = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=False
     )
-    assert tool.build_prompt(question, num_clips, system) == rendered
+    assert tool.qwen2_audio_chat_prompt(question, num_clips, system) == rendered
 
 
 def test_dry_run_shows_tutorial_prompt_and_engine_defaults(demo_assets_cache, home):
@@ -217,6 +219,13 @@ def test_library_options_default_to_the_clis():
     cli = tool.options_from_args(tool.build_parser().parse_args([]))
     assert cli.max_model_len == 4096 and tool.Options().max_model_len is None
     assert tool.dataclasses.replace(cli, max_model_len=None) == tool.Options()
+    # None there means the profile's: the same question, system prompt and window.
+    request = tool.AudioRequest(id="r", audio=[])
+    assert tool.question_for(request, cli) == "What is said in the audio?"
+    assert cli.segment_limit == tool.Options().segment_limit == 30
+    assert cli.profile_or_default.prompt("q", 1, cli.system_prompt).startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    )
 
 
 @pytest.mark.parametrize(

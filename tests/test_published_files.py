@@ -95,7 +95,7 @@ def test_a_dry_run_plans_the_7b_from_its_published_files(version, where, instruc
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"# memory estimate (bfloat16): {SEVEN_B_MEMORY}\n" in out
-    prompt = tool.build_prompt(tool.DEFAULT_QUESTION, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    prompt = tool.QWEN2_AUDIO.prompt(tool.QWEN2_AUDIO.question, 1)
     assert "# prompt format: chat\n" in out and prompt in out
     # The text around one <|AUDIO|>, plus the 75 audio tokens of a 3 s clip.
     text_tokens = len(AutoTokenizer.from_pretrained(instruct)(prompt).input_ids) - 1
@@ -112,8 +112,8 @@ def test_auto_tells_the_base_model_from_instruct_by_their_published_files(
     assert tool.read_model_facts(instruct).chat_template is True
     result = run_cli("--model", base, "--dry-run", "--audio", clips["a.wav"], home=home)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "# prompt format: raw\n" in result.stdout
-    assert tool.raw_prompt(tool.DEFAULT_QUESTION, 1) in result.stdout
+    assert "# model profile: qwen2-audio-base\n# prompt format: raw\n" in result.stdout
+    assert tool.QWEN2_AUDIO_BASE.prompt(tool.QWEN2_AUDIO.question, 1) in result.stdout
     assert SEVEN_B_MEMORY in result.stdout
 
 

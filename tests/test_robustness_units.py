@@ -173,7 +173,7 @@ class FakeLLM:
 
 # A 25 s recording with two pauses: --segment-seconds 10 cuts it in each.
 LONG_PAUSES = [(9.0, 9.6), (18.4, 19.0)]
-OPTIONS = tool.Options(prompt_format="chat", segment_seconds=10, chunk_size=16)
+OPTIONS = tool.Options(profile=tool.QWEN2_AUDIO, segment_seconds=10, chunk_size=16)
 # Clip r<i> is 1 + i/10 s long, so the fake answer for it is "r<i>:1.<i>0s".
 SHORT = [f"r{i}" for i in range(6)]
 
@@ -433,7 +433,7 @@ def test_a_split_clip_with_a_silent_segment_keeps_the_times_of_the_one_heard(tmp
     samples = np.concatenate([np.zeros(27 * RATE, np.float32), speech_like(5, [])])
     soundfile.write(tmp_path / "late.wav", samples, RATE)
     request = tool.AudioRequest("late", [str(tmp_path / "late.wav")], "Which clip is late?")
-    prepared = tool.prepare_request(request, tool.Options(prompt_format="chat"), None)
+    prepared = tool.prepare_request(request, tool.Options(profile=tool.QWEN2_AUDIO), None)
     assert [(s.start_seconds, s.end_seconds, s.silent) for s in prepared.segments] == [
         (0.0, 26.0, True),
         (26.0, 32.0, False),
@@ -782,7 +782,7 @@ def clip_request(name: str, seconds: float) -> tool.PreparedRequest:
     """A request of one clip, already decoded, whose fake answer is
     "NAME:SECONDSs"."""
     request = tool.AudioRequest(name, [f"{name}.wav"], f"Which clip is {name}?")
-    prompt = tool.build_prompt(request.question, 1, tool.DEFAULT_SYSTEM_PROMPT)
+    prompt = tool.QWEN2_AUDIO.prompt(request.question, 1)
     segment = tool.Segment([tone(seconds, RATE)], 0.0, seconds)
     return tool.PreparedRequest(request, prompt, [segment], seconds, [seconds])
 
@@ -791,7 +791,20 @@ def guarded(fallback: tuple[float, ...] | None = None) -> tool.Options:
     """Options whose guard finds every answer repeating (a threshold under any
     compression ratio): each is asked at every fallback temperature."""
     guard = tool.Guard(compression_ratio_threshold=-1.0, logprob_threshold=None, fallback=fallback)
-    return tool.Options(prompt_format="chat", guard=guard)
+    return tool.Options(profile=tool.QWEN2_AUDIO, guard=guard)
+
+
+def test_the_feeder_asks_for_the_sampled_tokens_logprob_only_when_the_guard_reads_it():
+    """logprobs=0 in vLLM's flat form (the guard reads cumulative_logprob
+    alone); the caller's params are left as they were."""
+    params = SamplingParams(temperature=0.2, max_tokens=8)
+    fed = tool.for_the_feeder(params, tool.Guard())
+    assert (fed.logprobs, fed.flat_logprobs) == (0, True)
+    assert (params.logprobs, params.flat_logprobs) == (None, False)
+    unmeasured = tool.for_the_feeder(params, tool.Guard(logprob_threshold=None))
+    assert (unmeasured.logprobs, unmeasured.flat_logprobs) == (None, False)
+    mine = tool.for_the_feeder(SamplingParams(logprobs=3), tool.Guard())
+    assert (mine.logprobs, mine.flat_logprobs) == (3, False)  # the caller's own, as asked
 
 
 def test_a_suspect_answer_is_asked_again_at_each_fallback_temperature_in_turn():
@@ -860,7 +873,7 @@ def test_a_recording_whose_every_heard_segment_failed_is_an_error_not_an_answer(
     samples = np.concatenate([np.zeros(27 * RATE, np.float32), speech_like(5, [])])
     soundfile.write(tmp_path / "late.wav", samples, RATE)
     request = tool.AudioRequest("late", [str(tmp_path / "late.wav")], "Which clip is late?")
-    options = tool.Options(prompt_format="chat")
+    options = tool.Options(profile=tool.QWEN2_AUDIO)
     prepared = tool.prepare_request(request, options, None)
     engine = FakeEngine(refuse=lambda prompt: ValueError("too long"))
     [record] = answer(engine, [prepared])
@@ -870,7 +883,7 @@ def test_a_recording_whose_every_heard_segment_failed_is_an_error_not_an_answer(
 def test_an_all_silent_recording_has_n_empty_answers():
     silent = tool.Clip("silence.wav", np.zeros(40 * RATE, np.float32), RATE, 1)
     request = tool.AudioRequest("quiet", ["silence.wav"], "Which clip is quiet?")
-    options = tool.Options(prompt_format="chat")
+    options = tool.Options(profile=tool.QWEN2_AUDIO)
     prepared = tool.PreparedRequest(request, prompt="Which clip is quiet?")
     prepared.segments = tool.apply_long_audio_policy([silent], options, prepared.warnings)
     prepared.split, prepared.clip_seconds, prepared.audio_seconds = True, [40.0], 40.0
