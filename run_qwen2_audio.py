@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Offline Qwen2-Audio-7B-Instruct inference with vLLM (built for vllm-ascend NPUs).
+"""Offline Qwen2-Audio-7B-Instruct inference with vLLM (built for vllm-ascend NPUs),
+and Qwen3-ASR (--model a Qwen3-ASR checkpoint: the same flags, transcripts).
 
 With no flags this does what the vllm-ascend "Single NPU (Qwen2-Audio 7B)"
 tutorial does: two demo clips, one prompt, the generated text on stdout.
@@ -12,6 +13,7 @@ Everything else is flags:
     python run_qwen2_audio.py --audio long.flac --dry-run       # budget + memory, no engine
     python run_qwen2_audio.py --manifest refs.jsonl --output out.jsonl   # + WER/CER
     python run_qwen2_audio.py --audio-dir talks/ --output-format srt --output-dir subs/
+    python run_qwen2_audio.py --model Qwen/Qwen3-ASR-1.7B --manifest calls.jsonl --output out.jsonl
 
 Every vLLM engine flag (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
 ``--dtype`` ...) works under its usual name. The sections follow the
@@ -328,6 +330,11 @@ def summary_of(exc: BaseException) -> str:
 # --------------------------------------------------------------------------
 
 
+def plain_answer(text: str) -> tuple[str, str | None]:
+    """An answer that is all text, in no stated language."""
+    return text, None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelProfile:
     """One model's prompt, audio limits, token cost and engine defaults, in
@@ -338,18 +345,40 @@ class ModelProfile:
     model_type: str  # config.json's model_type
     chat: bool  # chat markup (an Instruct checkpoint ships a chat template)
     hub_ids: tuple[str, ...]  # published checkpoints of this profile
-    build_prompt: Callable[[str, int, str | None], str]  # (question, clips, system prompt)
+    # (question, clips, system prompt, language name to force or None)
+    build_prompt: Callable[[str, int, str | None, str | None], str]
     audio_tokens: Callable[[int], int]  # tokens a clip of N 16 kHz samples costs
     window_seconds: float  # the most audio one clip may hold
     special_tokens: tuple[str, ...]  # control tokens no question may contain
     question: str  # asked when neither the request nor --question asks one
-    system_prompt: str | None  # None: the prompt has no system turn
+    system_prompt: str | None  # None: no system turn unless the user gives one
     published_config: Mapping[str, Any]  # config.json, for a checkpoint not on disk yet
     engine_defaults: Mapping[str, Any]  # vllm.LLM arguments; a user's value wins
+    temperature: float = 0.2  # sampling defaults; a user's flag wins
+    max_tokens: int = 64
+    segment_seconds: float | None = None  # where long audio is cut (None: the window)
+    max_clips: int | None = None  # clips one prompt may hold (None: any)
+    asks_question: bool = True  # False: the model transcribes, a question is not sent
+    takes_system_prompt: bool = True
+    languages: Mapping[str, str] = dataclasses.field(default_factory=dict)  # code: forced name
+    # The answer's text and the language it says it is in (None: it does not say).
+    parse_answer: Callable[[str], tuple[str, str | None]] = plain_answer
+    # config.json -> what transformers' config class for model_type takes.
+    transformers_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
-    def prompt(self, question: str, num_clips: int, system_prompt: str | None = None) -> str:
+    def prompt(
+        self,
+        question: str,
+        num_clips: int,
+        system_prompt: str | None = None,
+        language: str | None = None,
+    ) -> str:
         chosen = self.system_prompt if system_prompt is None else system_prompt
-        return self.build_prompt(question, num_clips, chosen)
+        return self.build_prompt(question, num_clips, chosen, language)
+
+    @property
+    def default_segment_seconds(self) -> float:
+        return self.segment_seconds or self.window_seconds
 
     @property
     def max_audio_tokens(self) -> int:
@@ -372,8 +401,11 @@ def qwen2_audio_tokens(num_samples: int) -> int:
 QWEN2_AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
 
-def qwen2_audio_chat_prompt(question: str, num_clips: int, system_prompt: str | None) -> str:
-    """Qwen2-Audio-Instruct's chat format, exactly as the tutorial and chat template write it."""
+def qwen2_audio_chat_prompt(
+    question: str, num_clips: int, system_prompt: str | None, language: str | None = None
+) -> str:
+    """Qwen2-Audio-Instruct's chat format, exactly as the tutorial and chat
+    template write it (the model cannot be told a language)."""
     audio_lines = "".join(f"Audio {i + 1}: {QWEN2_AUDIO_PLACEHOLDER}\n" for i in range(num_clips))
     return (
         f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
@@ -383,7 +415,9 @@ def qwen2_audio_chat_prompt(question: str, num_clips: int, system_prompt: str | 
     )
 
 
-def qwen2_audio_raw_prompt(question: str, num_clips: int, system_prompt: str | None = None) -> str:
+def qwen2_audio_raw_prompt(
+    question: str, num_clips: int, system_prompt: str | None = None, language: str | None = None
+) -> str:
     """The base model's prompt (Qwen2-Audio-7B, as its evaluation scripts
     write it): the audio parts, then the question; no chat markup, no system."""
     return QWEN2_AUDIO_PLACEHOLDER * num_clips + question
@@ -452,6 +486,8 @@ QWEN2_AUDIO = ModelProfile(
         "enforce_eager": True,
         "gpu_memory_utilization": 0.8,
     },
+    temperature=0.2,  # the tutorial's sampling
+    max_tokens=64,
 )
 QWEN2_AUDIO_BASE = dataclasses.replace(
     QWEN2_AUDIO,
@@ -460,8 +496,161 @@ QWEN2_AUDIO_BASE = dataclasses.replace(
     hub_ids=("Qwen/Qwen2-Audio-7B",),
     build_prompt=qwen2_audio_raw_prompt,
     system_prompt=None,
+    takes_system_prompt=False,
 )
-PROFILES = (QWEN2_AUDIO, QWEN2_AUDIO_BASE)
+
+
+def qwen3_asr_tokens(num_samples: int) -> int:
+    """Qwen3-ASR's audio tokens for a 16 kHz clip: its encoder reads mel
+    frames in chunks of 100 (one second), 13 tokens each, the rest through
+    its three stride-2 convolutions. No 30 s window: the whole clip is encoded."""
+    frames = math.ceil(num_samples / 160)
+    rest = frames % 100
+    for _ in range(3):
+        rest = (rest - 1) // 2 + 1
+    return 13 * (frames // 100) + rest
+
+
+QWEN3_ASR_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
+QWEN3_ASR_TEXT_TAG = "<asr_text>"  # between "language NAME" and the transcript
+
+
+def qwen3_asr_prompt(
+    question: str, num_clips: int, system_prompt: str | None, language: str | None = None
+) -> str:
+    """The prompt vLLM's own Qwen3-ASR transcription builds: the context as a
+    system turn when there is one, the audio, and, to force a language, the
+    start of the answer ("language English<asr_text>"), as Qwen3-ASR's toolkit
+    does. The model takes no question."""
+    system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+    forced = f"language {language}{QWEN3_ASR_TEXT_TAG}" if language else ""
+    return (
+        f"{system}<|im_start|>user\n{QWEN3_ASR_PLACEHOLDER * num_clips}<|im_end|>\n"
+        f"<|im_start|>assistant\n{forced}"
+    )
+
+
+def qwen3_asr_answer(text: str) -> tuple[str, str | None]:
+    """ "language English<asr_text>the words" -> ("the words", "English");
+    an answer without the tag (a forced language) is the transcript itself.
+    "language None" is what the model says of audio without speech."""
+    head, tag, transcript = text.rpartition(QWEN3_ASR_TEXT_TAG)
+    if not tag:
+        return text, None
+    language = head.strip().removeprefix("language").strip()
+    return transcript, None if language in ("", "None") else language
+
+
+def qwen3_asr_transformers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The published layout nests the model in thinker_config (vLLM reads
+    it there); transformers' Qwen3ASRConfig takes its audio and text configs
+    at the top, as its own "-hf" conversion writes them."""
+    thinker = config.get("thinker_config", config)
+    keep = ("audio_token_id", "pad_token_id", "eos_token_id", "tie_word_embeddings")
+    return {
+        "model_type": "qwen3_asr",
+        "architectures": ["Qwen3ASRForConditionalGeneration"],
+        # transformers' names for the two; its Qwen3 takes plain RoPE (the
+        # published M-RoPE gives audio and text one position: the same).
+        "audio_config": {**thinker["audio_config"], "model_type": "qwen3_asr_encoder"},
+        "text_config": {
+            **{k: v for k, v in thinker["text_config"].items() if k != "rope_scaling"},
+            "model_type": "qwen3",
+        },
+        **{key: thinker[key] for key in keep if key in thinker},
+    }
+
+
+# Qwen/Qwen3-ASR-1.7B's config.json in its published layout, from its model
+# card's numbers and transformers' Qwen3ASRConfig defaults (documented as
+# that checkpoint's); no verbatim copy was found (tests/fixtures/published/SOURCES.md).
+QWEN3_ASR_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3ASRForConditionalGeneration"],
+    "model_type": "qwen3_asr",
+    "thinker_config": {
+        "audio_config": {
+            "num_mel_bins": 128,
+            "encoder_layers": 24,
+            "encoder_attention_heads": 16,
+            "encoder_ffn_dim": 4096,
+            "d_model": 1024,
+            "output_dim": 2048,
+            "downsample_hidden_size": 480,
+            "n_window": 50,
+            "n_window_infer": 800,
+            "activation_function": "gelu",
+        },
+        "text_config": {
+            "model_type": "qwen3",
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "max_position_embeddings": 65536,
+            "rope_theta": 1000000,
+            "tie_word_embeddings": True,
+            "dtype": "bfloat16",
+        },
+        "audio_token_id": 151676,
+        "audio_start_token_id": 151669,
+        "audio_end_token_id": 151670,
+    },
+}
+
+# The languages Qwen3-ASR can be told to transcribe, by the names it was
+# trained on (transformers' Qwen3ASRProcessor, LANGUAGE_CODE_TO_NAME).
+QWEN3_ASR_LANGUAGES = {
+    "ar": "Arabic", "yue": "Cantonese", "zh": "Chinese", "cs": "Czech", "da": "Danish",
+    "nl": "Dutch", "en": "English", "fil": "Filipino", "fi": "Finnish", "fr": "French",
+    "de": "German", "el": "Greek", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian",
+    "it": "Italian", "ja": "Japanese", "ko": "Korean", "mk": "Macedonian", "ms": "Malay",
+    "fa": "Persian", "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian",
+    "es": "Spanish", "sv": "Swedish", "th": "Thai", "tr": "Turkish", "vi": "Vietnamese",
+}  # fmt: skip
+
+QWEN3_ASR = ModelProfile(
+    name="qwen3-asr",
+    model_type="qwen3_asr",
+    chat=True,
+    hub_ids=("Qwen/Qwen3-ASR-1.7B",),
+    build_prompt=qwen3_asr_prompt,
+    audio_tokens=qwen3_asr_tokens,
+    # A clip is encoded whole, and vLLM caches its encoder output in
+    # max_num_batched_tokens (4096 by default on CPU): 300 s is 3,900 tokens.
+    window_seconds=300.0,
+    # Long audio is cut where vLLM's own transcription cuts it for this
+    # model: at its feature extractor's chunk_length.
+    segment_seconds=30.0,
+    special_tokens=(
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|audio_start|>",
+        "<|audio_pad|>",
+        "<|audio_end|>",
+        QWEN3_ASR_TEXT_TAG,
+    ),
+    question="",
+    system_prompt=None,
+    published_config=QWEN3_ASR_CONFIG,
+    # vllm-ascend's Qwen3-ASR tutorial (v0.23.0, A2).
+    engine_defaults={"max_model_len": 4096, "enforce_eager": True},
+    # Transcription is greedy (vLLM's transcription default); 30 s of fast
+    # speech is ~120 tokens, and a loop stops at 512 for the guard to catch.
+    temperature=0.0,
+    max_tokens=512,
+    max_clips=1,
+    asks_question=False,
+    languages=QWEN3_ASR_LANGUAGES,
+    parse_answer=qwen3_asr_answer,
+    transformers_config=qwen3_asr_transformers_config,
+)
+PROFILES = (QWEN2_AUDIO, QWEN2_AUDIO_BASE, QWEN3_ASR)
+# The engine flags whose default is the profile's.
+PROFILE_ENGINE_FLAGS = tuple(sorted({name for p in PROFILES for name in p.engine_defaults}))
 
 
 def profile_for_hub_id(model: str) -> ModelProfile | None:
@@ -480,6 +669,8 @@ def choose_profile(prompt_format: str, facts: ModelFacts) -> ModelProfile:
             f"model {source}: model_type {facts.model_type!r} is not a model this "
             f"tool runs (known: {known}); use a checkpoint of one of those"
         )
+    if prompt_format == "auto" and len(family) == 1:  # one prompt, template or not
+        return family[0]
     chat = facts.chat_template if prompt_format == "auto" else prompt_format == "chat"
     chosen = next((p for p in family if p.chat == chat), None)
     if chosen is None:
@@ -528,6 +719,9 @@ def import_flexible_argument_parser() -> type:
     return FlexibleArgumentParser
 
 
+DESCRIPTION = "Offline Qwen2-Audio and Qwen3-ASR inference with vLLM (vllm-ascend on NPU)."
+
+
 def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     """The full command line: this tool's flags, then vLLM's engine flags.
     engine=False (vLLM cannot be imported): this tool's flags alone, for
@@ -536,11 +730,11 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
         # arg_utils, not just vllm: it loads the platform (vllm-ascend's too).
         import_engine_module("vllm.engine.arg_utils")
         parser = import_flexible_argument_parser()(
-            description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
+            description=DESCRIPTION,
         )
     else:
         parser = argparse.ArgumentParser(
-            description="Offline Qwen2-Audio inference with vLLM (vllm-ascend on NPU).",
+            description=DESCRIPTION,
         )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
@@ -599,9 +793,10 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     inputs.add_argument(
         "--segment-seconds",
         type=float,
-        default=argparse.SUPPRESS,  # the profile's window
-        help=f"longest segment when splitting (default and most: the model's window, "
-        f"{QWEN2_AUDIO.window_seconds:g} s)",
+        default=argparse.SUPPRESS,  # the profile's
+        help="longest segment when splitting (default: the model's; Qwen2-Audio: "
+        f"{QWEN2_AUDIO.default_segment_seconds:g} s, its window and the most; Qwen3-ASR: "
+        f"{QWEN3_ASR.default_segment_seconds:g} s, at most {QWEN3_ASR.window_seconds:g})",
     )
     inputs.add_argument(
         "--silence-db",
@@ -636,10 +831,22 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true")
 
     sampling = parser.add_argument_group("sampling (tutorial values by default)")
-    sampling.add_argument("--temperature", type=float, default=0.2)
+    sampling.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"default: the model's (Qwen2-Audio: {QWEN2_AUDIO.temperature:g}, the tutorial's; "
+        f"Qwen3-ASR: {QWEN3_ASR.temperature:g})",
+    )
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--top-k", type=int, default=-1)
-    sampling.add_argument("--max-tokens", type=int, default=64)
+    sampling.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"default: the model's (Qwen2-Audio: {QWEN2_AUDIO.max_tokens}, the tutorial's; "
+        f"Qwen3-ASR: {QWEN3_ASR.max_tokens})",
+    )
     sampling.add_argument("--repetition-penalty", type=float, default=1.0)
     sampling.add_argument(
         "--sampling-seed",
@@ -720,9 +927,22 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(parser)
     # None = "follow the number of clips" (filled in by engine_kwargs).
     parser.set_defaults(
-        model=DEFAULT_MODEL, **QWEN2_AUDIO.engine_defaults, limit_mm_per_prompt=None
+        model=DEFAULT_MODEL,
+        limit_mm_per_prompt=None,
+        **dict.fromkeys(PROFILE_ENGINE_FLAGS, PROFILE_DEFAULT),
     )
     return parser
+
+
+class ProfileDefault:
+    """The default of a flag the model profile fills in: a value of its own,
+    so that a user's explicit value, even one equal to a profile's, wins."""
+
+    def __repr__(self) -> str:
+        return "the model's"
+
+
+PROFILE_DEFAULT = ProfileDefault()
 
 
 def print_help_without_engine(problem: ExplainedError) -> None:
@@ -795,11 +1015,11 @@ class Options:
     system_prompt: str | None = None  # None: the profile's
     allow_special_tokens: bool = False
     long_audio: str = "split"
-    segment_seconds: float | None = None  # None: the profile's window
+    segment_seconds: float | None = None  # None: the profile's
     url_timeout: float = 30.0
     max_audio_bytes: int = 512 * 2**20
     max_model_len: int | None = None  # None: the engine's (it checks the budget itself)
-    max_tokens: int = 64
+    max_tokens: int | None = None  # None: the profile's (a budget, not the sampling)
     chunk_size: int = 64  # requests decoded ahead, and requests in the engine
     decode_workers: int = 2
     silence_db: float | None = SILENCE_DB  # None: every segment is sent
@@ -843,13 +1063,19 @@ class Options:
         return self.profile or QWEN2_AUDIO
 
     @property
+    def answer_tokens(self) -> int:
+        return self.max_tokens or self.profile_or_default.max_tokens
+
+    @property
     def segment_limit(self) -> float:
         if self.segment_seconds is None:
-            return self.profile_or_default.window_seconds
+            return self.profile_or_default.default_segment_seconds
         return self.segment_seconds
 
 
-def options_from_args(args: argparse.Namespace) -> Options:
+def options_from_args(args: argparse.Namespace, profile: ModelProfile = QWEN2_AUDIO) -> Options:
+    """The Options of the CLI's flags, the profile's defaults where the user gave none."""
+    args = with_profile_defaults(args, profile)
     chunk_size = args.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(args.max_num_seqs)
@@ -858,6 +1084,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     # vLLM reads --max-model-len auto (or -1) as "the model's own limit".
     max_model_len = args.max_model_len if args.max_model_len and args.max_model_len > 0 else None
     return Options(
+        profile=profile,
         question=args.question,
         system_prompt=getattr(args, "system_prompt", None),
         allow_special_tokens=args.allow_special_tokens,
@@ -900,11 +1127,16 @@ def temperature_list(text: str) -> tuple[float, ...]:
         )
 
 
+# vLLM's max_num_seqs for offline use (LLM) when none is given, on NPUs and
+# GPUs under 70 GiB and on CPU (EngineArgs, 0.23 and 0.32).
+VLLM_MAX_NUM_SEQS = 256
+
+
 def default_chunk_size(max_num_seqs: int | None) -> int:
     """Twice what the engine runs at once: the engine then holds a queue of
     its own and starts the next request the moment one finishes, instead of
-    idling while the next wave is added."""
-    return max(64, 2 * (max_num_seqs or 0))
+    idling while the next wave is added. None: vLLM's offline default."""
+    return max(64, 2 * (max_num_seqs or VLLM_MAX_NUM_SEQS))
 
 
 # --------------------------------------------------------------------------
@@ -921,7 +1153,9 @@ class AudioRequest:
     question: str | None = None
     system_prompt: str | None = None
     reference: str | None = None  # the expected answer: the record gets WER/CER
-    language: str = "en"  # the reference's language: how it is normalised and scored
+    # The speech's language: how the reference is scored ("en" when None) and,
+    # for a model that can be told one (Qwen3-ASR), the language it transcribes.
+    language: str | None = None
     error: ExplainedError | None = None  # a manifest line that could not be read
 
 
@@ -994,7 +1228,7 @@ def manifest_request(
         question=item.get("question"),
         system_prompt=item.get("system_prompt"),
         reference=reference,
-        language=check_language(item.get("language", "en"), where),
+        language=check_language(item["language"], where) if "language" in item else None,
     )
 
 
@@ -1611,6 +1845,23 @@ def check_no_special_tokens(text: str, what: str, profile: ModelProfile) -> None
         )
 
 
+def check_fits_profile(request: AudioRequest, name: str, profile: ModelProfile) -> None:
+    """What the model cannot take: more clips in a prompt than it reads, a
+    language it cannot be told."""
+    if profile.max_clips is not None and len(request.audio) > profile.max_clips:
+        raise ExplainedError(
+            f"{name}: {len(request.audio)} clips in one prompt, but {profile.name} takes "
+            f"{profile.max_clips}; give each clip its own request (a manifest line, or "
+            "--audio-dir)"
+        )
+    if profile.languages and request.language not in (None, *profile.languages):
+        raise ExplainedError(
+            f"{name}: language {request.language!r} is not one {profile.name} can be told "
+            f"to transcribe (it knows {', '.join(sorted(profile.languages))}); leave "
+            '"language" out and the model says which it heard'
+        )
+
+
 def question_for(request: AudioRequest, options: Options) -> str:
     return request.question or options.question or options.profile_or_default.question
 
@@ -1632,6 +1883,8 @@ class PreparedRequest:
     warnings: list[str] = dataclasses.field(default_factory=list)
     decode_seconds: float = 0.0
     error: ExplainedError | None = None
+    profile: ModelProfile = QWEN2_AUDIO  # the model it is prepared for
+    forced_language: str | None = None  # the language name the prompt tells the model
 
     @property
     def id(self) -> str:
@@ -1653,28 +1906,38 @@ def prepare_request(
 ) -> PreparedRequest:
     """Load and check everything a request needs; errors land in .error."""
     started = time.perf_counter()
-    prepared = PreparedRequest(request)
+    profile = options.profile_or_default
+    prepared = PreparedRequest(request, profile=profile)
     try:
         if request.error is not None:
             raise request.error
-        profile = options.profile_or_default
         question = question_for(request, options)
         system_prompt = request.system_prompt or options.system_prompt
-        if system_prompt is None:
+        if system_prompt is None or not profile.takes_system_prompt:
             system_prompt = profile.system_prompt
         name = f"request {escape_controls(request.id)}"
+        check_fits_profile(request, name, profile)
         if not options.allow_special_tokens:
             check_no_special_tokens(question, f"{name}: question", profile)
-            if profile.system_prompt is not None:
+            if system_prompt is not None:
                 check_no_special_tokens(system_prompt, f"{name}: system prompt", profile)
-        if profile.system_prompt is None and request.system_prompt:
+        if not profile.takes_system_prompt and request.system_prompt:
             prepared.warnings.append(f"{name}: system_prompt not used (the raw prompt has none)")
+        if not profile.asks_question and (request.question or options.question):
+            prepared.warnings.append(
+                f"{name}: question not used ({profile.name} only transcribes; "
+                "context for it goes in the system prompt)"
+            )
+        if profile.languages and request.language is not None:
+            prepared.forced_language = profile.languages[request.language]
         clips = [load_clip(source, options) for source in request.audio]
         prepared.audio_seconds = sum(c.seconds for c in clips)
         prepared.clip_seconds = [c.seconds for c in clips]
         prepared.segments = apply_long_audio_policy(clips, options, prepared.warnings)
         prepared.split = is_split(clips, options)
-        prepared.prompt = profile.prompt(question, len(clips), system_prompt)
+        prepared.prompt = profile.prompt(
+            question, len(clips), system_prompt, prepared.forced_language
+        )
         if count_tokens is not None:
             count_prompt_tokens(prepared, count_tokens, options)
     except ExplainedError as exc:
@@ -1879,6 +2142,8 @@ def engine_kwargs(
     call that means the same on every vLLM version, and what --dry-run shows.
     """
     chosen = {**profile.engine_defaults, **engine_flags, "model": model}
+    # A request of more clips than the model takes fails on its own.
+    max_clips = min(max_clips, profile.max_clips or max_clips)
     if chosen.get("limit_mm_per_prompt") is None:
         chosen["limit_mm_per_prompt"] = {"audio": max(1, max_clips)}
     allowed = chosen["limit_mm_per_prompt"].get("audio", 0)
@@ -1941,11 +2206,12 @@ def start_engine(engine_kwargs: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------
 
 
-def tutorial_sampling_params() -> Any:
-    """The tutorial's SamplingParams(temperature=0.2, max_tokens=64)."""
+def default_sampling_params(profile: ModelProfile = QWEN2_AUDIO) -> Any:
+    """The profile's sampling: Qwen2-Audio's is the tutorial's
+    SamplingParams(temperature=0.2, max_tokens=64)."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.2, max_tokens=64)
+    return SamplingParams(temperature=profile.temperature, max_tokens=profile.max_tokens)
 
 
 def answer_requests(
@@ -1970,7 +2236,7 @@ def answer_requests(
     the engine or waiting for an earlier one: memory stays bounded for any
     number of requests. A request that fails (bad audio, a prompt over the
     budget) gets an error record and costs the others nothing.
-    sampling_params=None means the tutorial's. Items may also be requests
+    sampling_params=None means the profile's (default_sampling_params). Items may also be requests
     that prepare_request already decoded. An answer that trips options.guard
     is asked again with fallback_params(temperature) (default: a copy of
     sampling_params at that temperature; for a greedy request vLLM has
@@ -1978,12 +2244,6 @@ def answer_requests(
     """
     options = options or Options()
     we_start_engine = not hasattr(llm, "generate")  # llm is a factory: ours to stop
-    params = sampling_params or tutorial_sampling_params()
-    make_fallback = fallback_params or functools.partial(at_temperature, params)
-    attempt_params = [params] + [
-        make_fallback(t) for t in options.guard.temperatures(params.temperature)
-    ]
-    attempt_params = [for_the_feeder(p, options.guard) for p in attempt_params]
     upcoming = iter(requests)
     pool = DecodePool(options.decode_workers)
     ahead: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -2004,6 +2264,12 @@ def answer_requests(
             remote = bool(getattr(model_config, "trust_remote_code", False))
             facts = read_model_facts(model_dir, remote, model_config.model)
             options = dataclasses.replace(options, profile=choose_profile("auto", facts))
+        params = sampling_params or default_sampling_params(options.profile_or_default)
+        make_fallback = fallback_params or functools.partial(at_temperature, params)
+        attempt_params = [params] + [
+            make_fallback(t) for t in options.guard.temperatures(params.temperature)
+        ]
+        attempt_params = [for_the_feeder(p, options.guard) for p in attempt_params]
         decode_ahead()
         llm = llm if hasattr(llm, "generate") else llm()
         if options.max_model_len is None:  # the engine's own limit
@@ -2441,9 +2707,11 @@ def segment_error(entry: InFlight, segment: int, exc: Exception) -> ExplainedErr
 # --------------------------------------------------------------------------
 
 
-def segment_record(attempt: Attempt, segment: Segment, attempts: int, n: int) -> dict[str, Any]:
-    """A segment's kept answer, its guard measures, and how many attempts
-    it took; a silent segment's n empty answers."""
+def segment_record(
+    attempt: Attempt, segment: Segment, attempts: int, n: int, profile: ModelProfile = QWEN2_AUDIO
+) -> dict[str, Any]:
+    """A segment's kept answer (its text, as the profile reads it), its guard
+    measures, and how many attempts it took; a silent segment's n empty answers."""
     times = {"start": round(segment.start_seconds, 3), "end": round(segment.end_seconds, 3)}
     if attempt.output is None:
         return {
@@ -2456,9 +2724,10 @@ def segment_record(attempt: Attempt, segment: Segment, attempts: int, n: int) ->
             "silent": True,
         }
     completions = attempt.output.outputs
+    parsed = [profile.parse_answer(c.text) for c in completions]
     record = {
         **times,
-        "answers": [c.text for c in completions],
+        "answers": [text for text, _ in parsed],
         "token_ids": [list(c.token_ids) for c in completions],
         "prompt_tokens": len(attempt.output.prompt_token_ids),
         "output_tokens": sum(len(c.token_ids) for c in completions),
@@ -2468,6 +2737,8 @@ def segment_record(attempt: Attempt, segment: Segment, attempts: int, n: int) ->
         "temperature": attempt.temperature,
         "fallbacks": attempts - 1,
     }
+    if parsed[0][1] is not None:
+        record["answer_language"] = parsed[0][1]
     if attempt.reasons:
         record["suspect"] = attempt.reasons
     return record
@@ -2493,7 +2764,7 @@ def result_record(
     parts = [
         failed_segment_record(segment_errors[i], s)
         if i in segment_errors
-        else segment_record(o, s, len(attempts.get(i, [o])), n)
+        else segment_record(o, s, len(attempts.get(i, [o])), n, prepared.profile)
         for i, (o, s) in enumerate(zip(outputs, prepared.segments, strict=True))
     ]
     answered = [p for p in parts if "error" not in p]
@@ -2523,6 +2794,9 @@ def result_record(
         **({"suspect": suspect} if suspect else {}),
         "timing": timing,
     }
+    if prepared.profile.languages:  # what the model said it heard, or was told
+        stated = [p["answer_language"] for p in heard_parts if "answer_language" in p]
+        record["answer_language"] = prepared.forced_language or (stated[0] if stated else None)
     heard = None if prepared.split else heard_seconds(prepared)
     if prepared.split:
         record["segments"] = parts
@@ -2538,8 +2812,9 @@ def result_record(
         record["truncated"] = True
         warnings += cut_off
     if request.reference is not None:
-        record.update(reference=request.reference, language=request.language)
-        score = score_answer(answers[0], request.reference, request.language)
+        language = request.language or "en"
+        record.update(reference=request.reference, language=language)
+        score = score_answer(answers[0], request.reference, language)
         if score is None:
             warnings.append(
                 f"request {escape_controls(request.id)}: the reference has no words left after "
@@ -2613,7 +2888,7 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
         "error": {"type": prepared.error.kind, "message": escape_undecodable(str(prepared.error))},
     }
     if request.reference is not None:  # counted apart in the WER/CER summary
-        record.update(reference=request.reference, language=request.language)
+        record.update(reference=request.reference, language=request.language or "en")
     return record
 
 
@@ -3268,7 +3543,7 @@ def dry_run(
                 f"<= {profile.max_audio_tokens} per clip)"
                 + (
                     f", prompt tokens {total} of max_model_len {limit}; {limit - total} left "
-                    f"for output (max_tokens {options.max_tokens})"
+                    f"for output (max_tokens {options.answer_tokens})"
                     if total is not None
                     else " (text tokens not counted: the tokenizer is not local)"
                 )
@@ -3280,7 +3555,7 @@ def dry_run(
     device = query_device_memory()
     if device is None and device_memory_gb:
         device = device_memory_gb * 2**30
-    request_tokens = largest_prompt + options.max_tokens if largest_prompt else None
+    request_tokens = largest_prompt + options.answer_tokens if largest_prompt else None
     for line in memory_estimate_lines(facts, llm_kwargs, device, request_tokens):
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
@@ -3343,7 +3618,16 @@ def read_model_facts(
         published = profile_for_hub_id(hub_id) or profile_for_hub_id(DEFAULT_MODEL)
     try:
         if published is not None:
-            config = AutoConfig.for_model(**published.published_config)
+            raw = published.published_config
+        else:
+            raw = json.loads((model_dir / "config.json").read_text())
+        layout = next(
+            (p.transformers_config for p in PROFILES if p.model_type == raw.get("model_type")), None
+        )
+        if layout is not None:
+            config = AutoConfig.for_model(**layout(raw))
+        elif published is not None:
+            config = AutoConfig.for_model(**raw)
         else:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         text = config.get_text_config()
@@ -3423,7 +3707,8 @@ def memory_estimate_lines(
     if dtype == "auto":
         dtype = facts.dtype
     size = DTYPE_BYTES.get(dtype, 2)
-    max_model_len, max_num_seqs = setting("max_model_len"), setting("max_num_seqs")
+    max_model_len = setting("max_model_len")
+    max_num_seqs = setting("max_num_seqs") or VLLM_MAX_NUM_SEQS
     if not max_model_len or max_model_len < 0:  # auto: the model's own limit
         max_model_len = facts.max_positions
     utilization = setting("gpu_memory_utilization")
@@ -3650,11 +3935,12 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     """Arguments -> requests -> output -> engine -> records -> report.
     engine_choices: the vLLM engine flags the user gave (engine_flags)."""
     wall_started = time.perf_counter()
-    options = options_from_args(args)
-    shard_index, shard_count = parse_shard(args.shard)
-    requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
     facts = read_model_facts(model.directory, args.trust_remote_code, model.name)
     profile = choose_profile(args.prompt_format, facts)
+    args = with_profile_defaults(args, profile)
+    options = options_from_args(args, profile)
+    shard_index, shard_count = parse_shard(args.shard)
+    requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
     flags = {**engine_choices, "model": model.for_engine()}
     max_clips = max((len(r.audio) for r in requests), default=1)
     llm_kwargs = engine_kwargs(max_clips=max_clips, profile=profile, **flags)
@@ -3662,9 +3948,9 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
     if args.prompt_format == "auto" and not profile.chat and not args.dry_run:
         log("note: --prompt-format raw: the checkpoint has no chat template")
-    if model.directory is not None or profile_for_hub_id(model.name) or args.dry_run:
-        options = dataclasses.replace(options, profile=profile)
-    # else a hub id vLLM downloads: answer_requests reads its checkpoint then.
+    if not (model.directory is not None or profile_for_hub_id(model.name) or args.dry_run):
+        # A hub id vLLM downloads: answer_requests reads its checkpoint then.
+        options = dataclasses.replace(options, profile=None)
     if any(r.reference is not None for r in requests):
         scoring_tools()  # missing packages fail now, not after the engine started
     if args.dry_run:
@@ -3728,6 +4014,20 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
         if args.report:
             write_report(args.report, report)
     return EXIT_SOME_FAILED if report.failed or report.partial else EXIT_OK
+
+
+def with_profile_defaults(args: argparse.Namespace, profile: ModelProfile) -> argparse.Namespace:
+    """args with the profile's sampling and engine limits where the user gave
+    none (an engine flag the profile leaves out: None, vLLM's default)."""
+    args = copy.copy(args)
+    if args.temperature is None:
+        args.temperature = profile.temperature
+    if args.max_tokens is None:
+        args.max_tokens = profile.max_tokens
+    for name in PROFILE_ENGINE_FLAGS:
+        if getattr(args, name, None) is PROFILE_DEFAULT:
+            setattr(args, name, profile.engine_defaults.get(name))
+    return args
 
 
 def check_report_path(path: Path | None) -> None:

