@@ -221,7 +221,7 @@ LANGUAGES = frozenset(
     "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu "
     "ha haw he hi hr ht hu hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml "
     "mn mr ms mt my ne nl nn no oc pa pl ps pt ro ru sa sd si sk sl sn so sq sr su sv sw "
-    "ta te tg th tk tl tr tt uk ur uz vi yi yo yue zh".split()
+    "ta te tg th tk tl tr tt uk ur uz vi yi yo yue zh fil".split()
 )
 CER_LANGUAGES = frozenset({"zh", "yue", "ja", "ko", "th"})
 
@@ -615,7 +615,8 @@ QWEN3_ASR = ModelProfile(
     name="qwen3-asr",
     model_type="qwen3_asr",
     chat=True,
-    hub_ids=("Qwen/Qwen3-ASR-1.7B",),
+    # Before a download the 0.6B plans with the 1.7B's config, and says so.
+    hub_ids=("Qwen/Qwen3-ASR-1.7B", "Qwen/Qwen3-ASR-0.6B"),
     build_prompt=qwen3_asr_prompt,
     audio_tokens=qwen3_asr_tokens,
     # A clip is encoded whole, and vLLM caches its encoder output in
@@ -717,6 +718,17 @@ def import_flexible_argument_parser() -> type:
     except ImportError:
         from vllm.utils import FlexibleArgumentParser
     return FlexibleArgumentParser
+
+
+class ProfileDefault:
+    """The default of a flag the model profile fills in: a value of its own,
+    so that a user's explicit value, even one equal to a profile's, wins."""
+
+    def __repr__(self) -> str:
+        return "the model's"
+
+
+PROFILE_DEFAULT = ProfileDefault()
 
 
 DESCRIPTION = "Offline Qwen2-Audio and Qwen3-ASR inference with vLLM (vllm-ascend on NPU)."
@@ -834,18 +846,18 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
     sampling.add_argument(
         "--temperature",
         type=float,
-        default=None,
-        help=f"default: the model's (Qwen2-Audio: {QWEN2_AUDIO.temperature:g}, the tutorial's; "
-        f"Qwen3-ASR: {QWEN3_ASR.temperature:g})",
+        default=PROFILE_DEFAULT,
+        help=f"Qwen2-Audio: {QWEN2_AUDIO.temperature:g}, the tutorial's; "
+        f"Qwen3-ASR: {QWEN3_ASR.temperature:g}",
     )
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--top-k", type=int, default=-1)
     sampling.add_argument(
         "--max-tokens",
         type=int,
-        default=None,
-        help=f"default: the model's (Qwen2-Audio: {QWEN2_AUDIO.max_tokens}, the tutorial's; "
-        f"Qwen3-ASR: {QWEN3_ASR.max_tokens})",
+        default=PROFILE_DEFAULT,
+        help=f"Qwen2-Audio: {QWEN2_AUDIO.max_tokens}, the tutorial's; "
+        f"Qwen3-ASR: {QWEN3_ASR.max_tokens}",
     )
     sampling.add_argument("--repetition-penalty", type=float, default=1.0)
     sampling.add_argument(
@@ -932,17 +944,6 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
         **dict.fromkeys(PROFILE_ENGINE_FLAGS, PROFILE_DEFAULT),
     )
     return parser
-
-
-class ProfileDefault:
-    """The default of a flag the model profile fills in: a value of its own,
-    so that a user's explicit value, even one equal to a profile's, wins."""
-
-    def __repr__(self) -> str:
-        return "the model's"
-
-
-PROFILE_DEFAULT = ProfileDefault()
 
 
 def print_help_without_engine(problem: ExplainedError) -> None:
@@ -1135,8 +1136,9 @@ VLLM_MAX_NUM_SEQS = 256
 def default_chunk_size(max_num_seqs: int | None) -> int:
     """Twice what the engine runs at once: the engine then holds a queue of
     its own and starts the next request the moment one finishes, instead of
-    idling while the next wave is added. None: vLLM's offline default."""
-    return max(64, 2 * (max_num_seqs or VLLM_MAX_NUM_SEQS))
+    idling while the next wave is added. At least 64; where vLLM picks
+    max_num_seqs (None), 64: decoded audio waiting in memory is the bound."""
+    return max(64, 2 * (max_num_seqs or 0))
 
 
 # --------------------------------------------------------------------------
@@ -1235,13 +1237,17 @@ def manifest_request(
 def check_language(code: str, where: str) -> str:
     """A BCP-47-ish code ("en", "zh-CN", "yue") whose language is one we can
     score, in lower case."""
-    primary = code.strip().lower().replace("_", "-").split("-")[0]
-    if primary not in LANGUAGES:
+    if primary_language(code.strip().lower().replace("_", "-")) not in LANGUAGES:
         raise ExplainedError(
             f'{where}: "language" {code!r} is not a language code we know; use an '
             "ISO 639-1 code such as en, zh, de, fr (or yue), optionally with a region: en-US"
         )
     return code.strip().lower().replace("_", "-")
+
+
+def primary_language(code: str) -> str:
+    """ "en-us" -> "en": what a model is told (it knows languages, not regions)."""
+    return code.split("-")[0]
 
 
 def is_url(source: str) -> bool:
@@ -1368,7 +1374,7 @@ def demo_requests(audio_count: int) -> list[AudioRequest]:
     return [AudioRequest(id="tutorial", audio=sources, question=TUTORIAL_QUESTIONS[audio_count])]
 
 
-def collect_requests(args: argparse.Namespace) -> list[AudioRequest]:
+def collect_requests(args: argparse.Namespace, demo_clips: int = 2) -> list[AudioRequest]:
     chosen = [
         flag
         for flag, value in (
@@ -1400,7 +1406,7 @@ def collect_requests(args: argparse.Namespace) -> list[AudioRequest]:
         return read_manifest(args.manifest)
     if args.audio_dir:
         return scan_audio_dir(args.audio_dir)
-    return demo_requests(2 if args.audio_count is None else args.audio_count)
+    return demo_requests(demo_clips if args.audio_count is None else args.audio_count)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -1854,7 +1860,11 @@ def check_fits_profile(request: AudioRequest, name: str, profile: ModelProfile) 
             f"{profile.max_clips}; give each clip its own request (a manifest line, or "
             "--audio-dir)"
         )
-    if profile.languages and request.language not in (None, *profile.languages):
+    if (
+        profile.languages
+        and request.language is not None
+        and (primary_language(request.language) not in profile.languages)
+    ):
         raise ExplainedError(
             f"{name}: language {request.language!r} is not one {profile.name} can be told "
             f"to transcribe (it knows {', '.join(sorted(profile.languages))}); leave "
@@ -1918,7 +1928,8 @@ def prepare_request(
         name = f"request {escape_controls(request.id)}"
         check_fits_profile(request, name, profile)
         if not options.allow_special_tokens:
-            check_no_special_tokens(question, f"{name}: question", profile)
+            if profile.asks_question:
+                check_no_special_tokens(question, f"{name}: question", profile)
             if system_prompt is not None:
                 check_no_special_tokens(system_prompt, f"{name}: system prompt", profile)
         if not profile.takes_system_prompt and request.system_prompt:
@@ -1929,7 +1940,7 @@ def prepare_request(
                 "context for it goes in the system prompt)"
             )
         if profile.languages and request.language is not None:
-            prepared.forced_language = profile.languages[request.language]
+            prepared.forced_language = profile.languages[primary_language(request.language)]
         clips = [load_clip(source, options) for source in request.audio]
         prepared.audio_seconds = sum(c.seconds for c in clips)
         prepared.clip_seconds = [c.seconds for c in clips]
@@ -1970,21 +1981,31 @@ def check_budget(request_id: str, prompt_tokens: int, options: Options) -> None:
         )
 
 
-def load_tokenizer_counter(model_dir: Path | None, trust_remote_code: bool) -> TokenCounter | None:
+def load_tokenizer_counter(
+    model_dir: Path | None, trust_remote_code: bool, with_processor: bool = True
+) -> TokenCounter | None:
     """A token counter from the checkpoint's tokenizer; None before a
-    download (the engine checks the budget then)."""
+    download (the engine checks the budget then). with_processor=False: a
+    model transformers does not know, whose processor vLLM brings itself."""
     if model_dir is None:
         return None
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, AutoTokenizer
 
     # The processor, not just the tokenizer: vLLM needs both halves (the
     # Whisper feature extractor too) and would otherwise fail at engine start.
     try:
-        processor = AutoProcessor.from_pretrained(
-            str(model_dir), trust_remote_code=trust_remote_code
-        )
-        tokenizer = processor.tokenizer
-        processor.feature_extractor  # noqa: B018 (raises if it is missing)
+        if with_processor:
+            processor = AutoProcessor.from_pretrained(
+                str(model_dir), trust_remote_code=trust_remote_code
+            )
+            tokenizer = processor.tokenizer
+            processor.feature_extractor  # noqa: B018 (raises if it is missing)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(model_dir), trust_remote_code=trust_remote_code
+            )
+            if not (model_dir / "preprocessor_config.json").is_file():
+                raise OSError("no preprocessor_config.json")
     except (OSError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExplainedError(
@@ -3624,8 +3645,10 @@ def read_model_facts(
         layout = next(
             (p.transformers_config for p in PROFILES if p.model_type == raw.get("model_type")), None
         )
-        if layout is not None:
+        if layout is not None and transformers_knows(raw.get("model_type")):
             config = AutoConfig.for_model(**layout(raw))
+        elif layout is not None:  # an older transformers: the text model's numbers alone
+            config = AutoConfig.for_model(**layout(raw)["text_config"])
         elif published is not None:
             config = AutoConfig.for_model(**raw)
         else:
@@ -3654,13 +3677,21 @@ def read_model_facts(
     return ModelFacts(
         config=config,
         source=published.hub_ids[0] if published else str(model_dir),
-        model_type=str(getattr(config, "model_type", "")),
+        model_type=str(raw.get("model_type") or getattr(config, "model_type", "")),
         kv_values_per_token=kv_values,
         max_positions=max_positions,
         dtype=str(dtype).removeprefix("torch."),
         chat_template=published.chat if published else has_chat_template(model_dir),
         published=published is not None,
     )
+
+
+def transformers_knows(model_type: str | None) -> bool:
+    """Whether the installed transformers has this model (Qwen3-ASR arrived in
+    5.13; vLLM 0.23 brings its own config and processor for it)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 def query_device_memory() -> float | None:
@@ -3940,12 +3971,16 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     args = with_profile_defaults(args, profile)
     options = options_from_args(args, profile)
     shard_index, shard_count = parse_shard(args.shard)
-    requests = [r for r in collect_requests(args) if in_shard(r.id, shard_index, shard_count)]
+    demo_clips = min(2, profile.max_clips or 2)  # the tutorial's two, where the model takes two
+    collected = collect_requests(args, demo_clips)
+    requests = [r for r in collected if in_shard(r.id, shard_index, shard_count)]
     flags = {**engine_choices, "model": model.for_engine()}
     max_clips = max((len(r.audio) for r in requests), default=1)
     llm_kwargs = engine_kwargs(max_clips=max_clips, profile=profile, **flags)
     # Loading the processor also checks the checkpoint before minutes of loading.
-    count_tokens = load_tokenizer_counter(model.directory, args.trust_remote_code)
+    count_tokens = load_tokenizer_counter(
+        model.directory, args.trust_remote_code, transformers_knows(profile.model_type)
+    )
     if args.prompt_format == "auto" and not profile.chat and not args.dry_run:
         log("note: --prompt-format raw: the checkpoint has no chat template")
     if not (model.directory is not None or profile_for_hub_id(model.name) or args.dry_run):
@@ -4020,9 +4055,9 @@ def with_profile_defaults(args: argparse.Namespace, profile: ModelProfile) -> ar
     """args with the profile's sampling and engine limits where the user gave
     none (an engine flag the profile leaves out: None, vLLM's default)."""
     args = copy.copy(args)
-    if args.temperature is None:
+    if args.temperature is PROFILE_DEFAULT:
         args.temperature = profile.temperature
-    if args.max_tokens is None:
+    if args.max_tokens is PROFILE_DEFAULT:
         args.max_tokens = profile.max_tokens
     for name in PROFILE_ENGINE_FLAGS:
         if getattr(args, name, None) is PROFILE_DEFAULT:

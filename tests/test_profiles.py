@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from helpers import PUBLISHED, SCRIPT, one_error_line, run_cli
+from helpers import PUBLISHED, SCRIPT, engine_arguments, one_error_line, run_cli
 
 import run_qwen2_audio as tool
 
@@ -182,3 +182,53 @@ def test_qwen3_asr_requests_it_cannot_take_fail_alone_and_say_why(clips):
     assert french.prompt.endswith("language French<asr_text>")
     assert ["request r: question not used (qwen3-asr only transcribes; context for it "
             "goes in the system prompt)"] == french.warnings  # fmt: skip
+
+
+def test_qwen3_asr_is_told_a_language_without_its_region(clips):
+    """A manifest's "en-US" is checked and lower-cased when read; the model
+    knows languages, not regions. Filipino is one of its 30."""
+    audio = [str(clips["a.wav"])]
+    assert qwen3_asr_request(audio=audio, language="en-us").forced_language == "English"
+    assert qwen3_asr_request(audio=audio, language="fil").forced_language == "Filipino"
+    line = '{"id": "x", "audio": "a.wav", "language": "en-US"}'
+    assert tool.parse_manifest_line(line, 1, clips["a.wav"].parent).language == "en-us"
+
+
+def test_the_smaller_qwen3_asr_plans_with_the_larger_ones_config_and_says_so():
+    facts = tool.read_model_facts(None, hub_id="Qwen/Qwen3-ASR-0.6B")
+    assert tool.choose_profile("auto", facts) is tool.QWEN3_ASR
+    [line] = tool.memory_estimate_lines(facts, {}, None, None)[:1]
+    assert "(Qwen3-ASR-1.7B's config: not on disk yet)" in line
+
+
+def test_the_tutorial_on_qwen3_asr_sends_one_clip(qwen3_asr_model, demo_assets_cache, home):
+    """No inputs: the tutorial's demo, with the one clip a Qwen3-ASR prompt takes."""
+    env = {"VLLM_ASSETS_CACHE": str(demo_assets_cache)}
+    result = run_cli("--model", qwen3_asr_model, "--dry-run", home=home, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# model profile: qwen3-asr" in result.stdout
+    assert result.stdout.count("<|audio_pad|>") == 1
+    assert engine_arguments(result.stdout)["limit_mm_per_prompt"] == {"audio": 1}
+    assert "question not used (qwen3-asr only transcribes" in result.stdout
+
+
+def test_qwen3_asr_plans_with_a_transformers_that_does_not_know_it(
+    qwen3_asr_model, clips, monkeypatch, capsys
+):
+    """transformers has Qwen3-ASR from 5.13; vLLM 0.23 brings its own config
+    and processor, so an image's older transformers must not stop the run:
+    the text model's numbers plan the KV cache, the tokenizer counts."""
+    from transformers.models.auto import configuration_auto
+
+    monkeypatch.delitem(configuration_auto.CONFIG_MAPPING_NAMES, "qwen3_asr")
+    assert not tool.transformers_knows("qwen3_asr")
+    facts = tool.read_model_facts(qwen3_asr_model)
+    assert tool.choose_profile("auto", facts) is tool.QWEN3_ASR
+    assert facts.kv_values_per_token == 2 * 1 * 64 * 2 and facts.parameters is None
+    assert (
+        tool.main(["--model", str(qwen3_asr_model), "--audio", str(clips["a.wav"]), "--dry-run"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "audio tokens [39]" in out and "prompt tokens" in out
+    assert "weights unknown (transformers cannot build this checkpoint's model)" in out

@@ -823,7 +823,8 @@ def test_a_suspect_answer_is_asked_again_at_each_fallback_temperature_in_turn():
 
 
 def test_a_greedy_request_asked_again_keeps_the_clis_other_sampling_flags():
-    args = tool.build_parser().parse_args(["--temperature", "0", "--top-p", "0.9", "--top-k", "5"])
+    argv = ["--temperature", "0", "--top-p", "0.9", "--top-k", "5"]
+    args = tool.with_profile_defaults(tool.build_parser().parse_args(argv), tool.QWEN2_AUDIO)
     first = tool.build_sampling_params(args)
     assert (first.top_p, first.top_k) == (1.0, 0)  # vLLM's greedy reset
     fallback = functools.partial(tool.build_sampling_params, args)
