@@ -609,6 +609,7 @@ QWEN3_ASR_LANGUAGES = {
     "it": "Italian", "ja": "Japanese", "ko": "Korean", "mk": "Macedonian", "ms": "Malay",
     "fa": "Persian", "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian",
     "es": "Spanish", "sv": "Swedish", "th": "Thai", "tr": "Turkish", "vi": "Vietnamese",
+    "tl": "Filipino",  # Whisper's code for it
 }  # fmt: skip
 
 QWEN3_ASR = ModelProfile(
@@ -831,7 +832,7 @@ def build_parser(engine: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="requests in flight: this many are decoded ahead while as many are in "
         "the engine or waiting for an earlier one to be written (bounds memory); "
-        "default: twice --max-num-seqs, at least 64",
+        "default: twice --max-num-seqs, at least 64 (64 where vLLM picks --max-num-seqs)",
     )
     batch.add_argument("--decode-workers", type=int, default=2)
     batch.add_argument("--shard", default="0/1", metavar="I/N")
@@ -1237,7 +1238,7 @@ def manifest_request(
 def check_language(code: str, where: str) -> str:
     """A BCP-47-ish code ("en", "zh-CN", "yue") whose language is one we can
     score, in lower case."""
-    if primary_language(code.strip().lower().replace("_", "-")) not in LANGUAGES:
+    if primary_language(code) not in LANGUAGES:
         raise ExplainedError(
             f'{where}: "language" {code!r} is not a language code we know; use an '
             "ISO 639-1 code such as en, zh, de, fr (or yue), optionally with a region: en-US"
@@ -1246,8 +1247,8 @@ def check_language(code: str, where: str) -> str:
 
 
 def primary_language(code: str) -> str:
-    """ "en-us" -> "en": what a model is told (it knows languages, not regions)."""
-    return code.split("-")[0]
+    """ "en-US" -> "en": what a model is told (it knows languages, not regions)."""
+    return code.strip().lower().replace("_", "-").split("-")[0]
 
 
 def is_url(source: str) -> bool:
@@ -1364,17 +1365,32 @@ def scan_audio_dir(directory: Path) -> list[AudioRequest]:
     return sorted(requests, key=lambda r: r.id)
 
 
-def demo_requests(audio_count: int) -> list[AudioRequest]:
+def demo_requests(
+    audio_count: int | None, profile: ModelProfile = QWEN2_AUDIO
+) -> list[AudioRequest]:
+    """The tutorial's request: its two clips and question (None: as many as
+    the model takes in a prompt, at most two; no question where it asks none)."""
+    most = min(len(DEMO_ASSETS), profile.max_clips or len(DEMO_ASSETS))
+    if audio_count is None:
+        audio_count = most
     if not 1 <= audio_count <= len(DEMO_ASSETS):
         raise ExplainedError(
             f"--audio-count {audio_count}: vLLM has {len(DEMO_ASSETS)} demo clips; "
             "pass your own clips with --audio FILE ..."
         )
+    if audio_count > most:
+        raise ExplainedError(
+            f"--audio-count {audio_count}: {profile.name} takes {most} clip(s) in a prompt; "
+            f"use --audio-count {most}"
+        )
     sources = [f"asset:{name}" for name in DEMO_ASSETS[:audio_count]]
-    return [AudioRequest(id="tutorial", audio=sources, question=TUTORIAL_QUESTIONS[audio_count])]
+    question = TUTORIAL_QUESTIONS[audio_count] if profile.asks_question else None
+    return [AudioRequest(id="tutorial", audio=sources, question=question)]
 
 
-def collect_requests(args: argparse.Namespace, demo_clips: int = 2) -> list[AudioRequest]:
+def collect_requests(
+    args: argparse.Namespace, profile: ModelProfile = QWEN2_AUDIO
+) -> list[AudioRequest]:
     chosen = [
         flag
         for flag, value in (
@@ -1406,7 +1422,7 @@ def collect_requests(args: argparse.Namespace, demo_clips: int = 2) -> list[Audi
         return read_manifest(args.manifest)
     if args.audio_dir:
         return scan_audio_dir(args.audio_dir)
-    return demo_requests(demo_clips if args.audio_count is None else args.audio_count)
+    return demo_requests(args.audio_count, profile)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -3945,6 +3961,8 @@ def build_sampling_params(args: argparse.Namespace, temperature: float | None = 
     0, --temperature -1, --n 0 ...) are bad input, said before any loading."""
     from vllm import SamplingParams
 
+    if PROFILE_DEFAULT in (args.temperature, args.max_tokens):
+        raise TypeError("build_sampling_params: call with_profile_defaults(args, profile) first")
     try:
         return SamplingParams(
             n=args.n,
@@ -3971,8 +3989,7 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     args = with_profile_defaults(args, profile)
     options = options_from_args(args, profile)
     shard_index, shard_count = parse_shard(args.shard)
-    demo_clips = min(2, profile.max_clips or 2)  # the tutorial's two, where the model takes two
-    collected = collect_requests(args, demo_clips)
+    collected = collect_requests(args, profile)
     requests = [r for r in collected if in_shard(r.id, shard_index, shard_count)]
     flags = {**engine_choices, "model": model.for_engine()}
     max_clips = max((len(r.audio) for r in requests), default=1)

@@ -190,6 +190,7 @@ def test_qwen3_asr_is_told_a_language_without_its_region(clips):
     audio = [str(clips["a.wav"])]
     assert qwen3_asr_request(audio=audio, language="en-us").forced_language == "English"
     assert qwen3_asr_request(audio=audio, language="fil").forced_language == "Filipino"
+    assert qwen3_asr_request(audio=audio, language="EN_gb").forced_language == "English"
     line = '{"id": "x", "audio": "a.wav", "language": "en-US"}'
     assert tool.parse_manifest_line(line, 1, clips["a.wav"].parent).language == "en-us"
 
@@ -209,7 +210,11 @@ def test_the_tutorial_on_qwen3_asr_sends_one_clip(qwen3_asr_model, demo_assets_c
     assert "# model profile: qwen3-asr" in result.stdout
     assert result.stdout.count("<|audio_pad|>") == 1
     assert engine_arguments(result.stdout)["limit_mm_per_prompt"] == {"audio": 1}
-    assert "question not used (qwen3-asr only transcribes" in result.stdout
+    assert "question not used" not in result.stdout  # the demo asks none of it
+    two = run_cli("--model", qwen3_asr_model, "--audio-count", "2", home=home, env=env)
+    assert "--audio-count 2: qwen3-asr takes 1 clip(s) in a prompt; use --audio-count 1" in (
+        one_error_line(two)
+    )
 
 
 def test_qwen3_asr_plans_with_a_transformers_that_does_not_know_it(
