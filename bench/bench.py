@@ -483,15 +483,22 @@ def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
     """The answer guard's cost when nothing trips: the tool at its defaults
     (every answer measured, log-probabilities asked of the engine) against
     the guard turned off, on held-out speech for the speech-trained model,
-    greedy, alternating rounds after an untimed one."""
+    greedy, alternating rounds after an untimed one; then the same pair with
+    torch.compile off (TORCHDYNAMO_DISABLE=1), to tell a cost per answer
+    from vLLM's one compile per process."""
     import hearing
 
     model, media, speech = held_out_speech(folder, "guard")
-    outputs = {"guard on": folder / "guard-on.jsonl", "guard off": folder / "guard-off.jsonl"}
-    argv = {
-        "guard on": tool_argv(model, media, outputs["guard on"], SPEECH_MAX_TOKENS),
-        "guard off": tool_argv(model, media, outputs["guard off"], SPEECH_MAX_TOKENS, *GUARD_OFF),
-    }
+    contenders = {"guard on": [], "guard off": GUARD_OFF}
+    outputs, argv = {}, {}
+    # The same pair with torch.compile off: vLLM compiles its log-probability
+    # rank kernel once per process, at the first request that asks for them.
+    for compiled in (True, False):
+        for name, flags in contenders.items():
+            label = name if compiled else f"{name}, no torch.compile"
+            outputs[label] = folder / f"{label.replace(' ', '-').replace(',', '')}.jsonl"
+            command = tool_argv(model, media, outputs[label], SPEECH_MAX_TOKENS, *flags)
+            argv[label] = command if compiled else ["env", "TORCHDYNAMO_DISABLE=1", *command]
     runs, orders = alternating_runs(argv, outputs, rounds, warm_up=True)
     print(
         f"\n## guard: {SPEECH_UTTERANCES} held-out utterances, speech model, greedy, "
@@ -514,12 +521,15 @@ def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
             f"| {statistics.median(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} "
             f"| {wer:.2%} | {fallbacks} ({suspect} suspect) |"
         )
-    on, off = runs["guard on"], runs["guard off"]
-    steady = [a.steady_rate(1) / b.steady_rate(1) for a, b in zip(on, off, strict=True)]
-    print(
-        f"- steady req/s, guard on over off, round by round: "
-        f"{', '.join(f'{r:.3f}' for r in steady)} (median {statistics.median(steady):.3f})"
-    )
+    for suffix in ("", ", no torch.compile"):
+        on, off = runs[f"guard on{suffix}"], runs[f"guard off{suffix}"]
+        steady = [a.steady_rate(1) / b.steady_rate(1) for a, b in zip(on, off, strict=True)]
+        whole = [a.wall / b.wall for a, b in zip(on, off, strict=True)]
+        print(
+            f"- guard on over off{suffix}, round by round: steady req/s "
+            f"{', '.join(f'{r:.3f}' for r in steady)} (median {statistics.median(steady):.3f}); "
+            f"wall {', '.join(f'{r:.3f}' for r in whole)} (median {statistics.median(whole):.3f})"
+        )
     print(f"- order of each round: {orders}")
 
 

@@ -6,8 +6,10 @@ environment the script runs in (helpers.run_cli builds it from nothing)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,42 @@ def qwen3_asr_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def speech_model(tmp_path_factory) -> Path:
-    """The speech-trained tiny checkpoint (built by tests/run.sh first, cached)."""
+    """The speech-trained tiny checkpoint (cached; tests/run.sh builds it
+    beside the other tests, and the tests that need it wait for that build)."""
+    status = os.environ.get("RQA_SPEECH_BUILD_STATUS")
+    if status:
+        wait_for_the_build(Path(status), int(os.environ["RQA_SPEECH_BUILD_PID"]))
     return install_speech_model(tmp_path_factory.mktemp("speech-model"))
+
+
+def wait_for_the_build(status: Path, builder: int) -> None:
+    """Until tests/run.sh's build (process builder) writes its exit status; a
+    failed build fails the tests that need it (with its log) instead of
+    starting another here."""
+    while not status.is_file():
+        if not running(builder):  # its status is there now, or never will be
+            if not status.is_file():
+                pytest.fail(f"the speech model's build ended without a status ({status})")
+            break
+        time.sleep(2)
+    code = status.read_text().strip()
+    if code != "0":
+        log = status.with_name("speech-model.log")
+        pytest.fail(f"the speech model's build failed (exit {code}); its log: {log}")
+
+
+def running(pid: int) -> bool:
+    """Whether process pid runs (a zombie, ended but not yet waited for, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of the speech model last: run while it is being built, the
+    others go first."""
+    items.sort(key=lambda item: "speech_model" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")

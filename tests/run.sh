@@ -95,34 +95,51 @@ ensure_plain() {
   echo "$venv"
 }
 
-MAIN=$(venv_dir vllm032 "$ENGINE_032")
-OLD=$(venv_dir vllm023 "$ENGINE_023")
-# Both at once: downloads and unpacking overlap on two cores.
-ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
-main_build=$!
-ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt tests/requirements-vllm023-extra.txt \
-  requirements.txt
-wait "$main_build"
-PLAIN=$(ensure_plain)
-
 # The Slurm tests start a real single-node Slurm: its daemons come from
 # Debian; ffmpeg makes the multi-channel AAC/M4A files the decoding tests read;
 # espeak-ng speaks what the speech model learns and the hearing tests ask.
-if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null ||
-  ! command -v ffmpeg > /dev/null || ! command -v espeak-ng > /dev/null; then
-  echo "installing slurm-wlm, munge, ffmpeg and espeak-ng (apt-get, once)" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    slurm-wlm munge ffmpeg espeak-ng; } \
-    > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; exit 1; }
-fi
+install_packages() {
+  if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null ||
+    ! command -v ffmpeg > /dev/null || ! command -v espeak-ng > /dev/null; then
+    echo "installing slurm-wlm, munge, ffmpeg and espeak-ng (apt-get, once)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      slurm-wlm munge ffmpeg espeak-ng; } \
+      > "$CACHE/apt-slurm.log" 2>&1 || { tail -n 30 "$CACHE/apt-slurm.log" >&2; return 1; }
+  fi
+}
+
+MAIN=$(venv_dir vllm032 "$ENGINE_032")
+OLD=$(venv_dir vllm023 "$ENGINE_023")
+# All three at once: downloads and unpacking overlap on two cores.
+install_packages &
+packages=$!
+ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
+main_build=$!
+ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt tests/requirements-vllm023-extra.txt \
+  requirements.txt &
+old_build=$!
+wait "$packages"
+wait "$main_build"
 
 # The speech-trained tiny model of the hearing tests: built once per version
-# of its builder (about 40 minutes on two cores), cached beside the venvs. A
-# cold build overlaps the image builds below, which mostly download and unpack.
-RQA_CACHE="$CACHE" "$MAIN/bin/python" tests/speech_model.py --cached 2> "$CACHE/speech-model.log" &
+# of its builder (20-40 minutes on two cores), cached beside the venvs. A cold
+# build runs beside the image builds and the other tests; the tests that need
+# it run last and wait for its exit status (conftest.py, speech_model).
+SPEECH_STATUS="$CACHE/speech-model.status"
+rm -f "$SPEECH_STATUS"
+{
+  code=0
+  RQA_CACHE="$CACHE" "$MAIN/bin/python" tests/speech_model.py --cached \
+    2> "$CACHE/speech-model.log" || code=$?
+  echo "$code" > "$SPEECH_STATUS.tmp" && mv "$SPEECH_STATUS.tmp" "$SPEECH_STATUS"
+} &
 speech_build=$!
-trap 'kill "$speech_build" 2> /dev/null || true' EXIT # a failed step below ends it too
+# A failed step below ends the build too (the builder, then its shell).
+trap 'pkill -P "$speech_build" 2> /dev/null; kill "$speech_build" 2> /dev/null || true' EXIT
 echo "speech model: cached, or built meanwhile (log: $CACHE/speech-model.log)" >&2
+
+wait "$old_build"
+PLAIN=$(ensure_plain)
 
 # The Docker image and its stand-in base (podman; rebuilt when their inputs
 # change). Its one line of output is the podman configuration to use.
@@ -132,8 +149,17 @@ export "${podman_conf?}"
 "$MAIN/bin/python" -m ruff check run_qwen2_audio.py tests bench
 "$MAIN/bin/python" -m ruff format --check run_qwen2_audio.py tests bench
 "$MAIN/bin/hadolint" Dockerfile
-wait "$speech_build" || { tail -n 30 "$CACHE/speech-model.log" >&2; exit 1; }
-trap - EXIT
-tail -n 1 "$CACHE/speech-model.log" >&2
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
-VLLM023_PYTHON="$OLD/bin/python" PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"
+code=0
+RQA_SPEECH_BUILD_STATUS="$SPEECH_STATUS" RQA_SPEECH_BUILD_PID="$speech_build" VLLM023_PYTHON="$OLD/bin/python" \
+  PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 \
+  --dist loadgroup "$@" || code=$?
+# A run of a few tests (arguments) may end first: the build goes on to the cache.
+wait "$speech_build"
+trap - EXIT
+if [ "$(cat "$SPEECH_STATUS")" != 0 ]; then
+  tail -n 30 "$CACHE/speech-model.log" >&2
+  exit 1
+fi
+tail -n 1 "$CACHE/speech-model.log" >&2
+exit "$code"

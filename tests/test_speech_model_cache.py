@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import subprocess
+import threading
 from pathlib import Path
 
+import conftest
 import pytest
 import speech_model
 
@@ -96,3 +100,32 @@ def test_install_gives_up_with_a_message_when_the_build_keeps_vanishing(
     with pytest.raises(RuntimeError, match="removed three times"):
         speech_model.install(tmp_path / "copy")
     assert len(builds) == 3
+
+
+# tests/run.sh builds the model beside the other tests; the tests that need it
+# wait for the build's exit status (conftest.wait_for_the_build).
+
+
+def test_the_tests_that_need_the_model_wait_for_the_build_to_end(tmp_path):
+    status = tmp_path / "speech-model.status"
+    # The builder writes its status (0), then ends: the wait returns after both.
+    builder = subprocess.Popen(["sh", "-c", f"read line; echo 0 > {status}"], stdin=subprocess.PIPE)
+    waiting = threading.Thread(target=conftest.wait_for_the_build, args=(status, builder.pid))
+    waiting.start()
+    assert waiting.is_alive() and not status.exists()  # nothing can end it but the builder
+    builder.communicate(b"go\n")
+    waiting.join()
+
+
+def test_a_failed_build_fails_the_tests_that_need_it_with_its_log(tmp_path):
+    status = tmp_path / "speech-model.status"
+    status.write_text("1\n")
+    with pytest.raises(pytest.fail.Exception, match=r"build failed \(exit 1\); its log: .*\.log"):
+        conftest.wait_for_the_build(status, os.getpid())
+
+
+def test_a_build_that_ends_without_a_status_fails_instead_of_waiting_for_ever(tmp_path):
+    builder = subprocess.Popen(["true"])
+    builder.wait()
+    with pytest.raises(pytest.fail.Exception, match="ended without a status"):
+        conftest.wait_for_the_build(tmp_path / "speech-model.status", builder.pid)
