@@ -526,9 +526,10 @@ def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
         steady = [a.steady_rate(1) / b.steady_rate(1) for a, b in zip(on, off, strict=True)]
         whole = [a.wall / b.wall for a, b in zip(on, off, strict=True)]
         print(
-            f"- guard on over off{suffix}, round by round: steady req/s "
-            f"{', '.join(f'{r:.3f}' for r in steady)} (median {statistics.median(steady):.3f}); "
-            f"wall {', '.join(f'{r:.3f}' for r in whole)} (median {statistics.median(whole):.3f})"
+            f"- guard on over off{suffix}, round by round: steady req/s (under 1: the guard "
+            f"costs) {', '.join(f'{r:.3f}' for r in steady)} (median "
+            f"{statistics.median(steady):.3f}); wall s (over 1: the guard costs) "
+            f"{', '.join(f'{r:.3f}' for r in whole)} (median {statistics.median(whole):.3f})"
         )
     print(f"- order of each round: {orders}")
 

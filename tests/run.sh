@@ -110,7 +110,8 @@ install_packages() {
 
 MAIN=$(venv_dir vllm032 "$ENGINE_032")
 OLD=$(venv_dir vllm023 "$ENGINE_023")
-# All three at once: downloads and unpacking overlap on two cores.
+# All three at once: downloads and unpacking overlap on two cores. Each one is
+# waited for, so that a failure leaves none of the others running.
 install_packages &
 packages=$!
 ensure vllm032 "$ENGINE_032" tests/requirements.txt requirements.txt &
@@ -118,25 +119,33 @@ main_build=$!
 ensure vllm023 "$ENGINE_023" tests/requirements-vllm023.txt tests/requirements-vllm023-extra.txt \
   requirements.txt &
 old_build=$!
-wait "$packages"
-wait "$main_build"
+failed=0
+wait "$packages" || failed=1
+wait "$main_build" || failed=1
+if [ "$failed" = 1 ]; then
+  wait "$old_build" || true
+  exit 1
+fi
 
 # The speech-trained tiny model of the hearing tests: built once per version
-# of its builder (20-40 minutes on two cores), cached beside the venvs. A cold
-# build runs beside the image builds and the other tests; the tests that need
-# it run last and wait for its exit status (conftest.py, speech_model).
-SPEECH_STATUS="$CACHE/speech-model.status"
-rm -f "$SPEECH_STATUS"
-{
+# of its builder (20 to 45 minutes on two cores), cached beside the venvs. A
+# cold build runs beside the image builds and the other tests; the tests that
+# need it run last and wait for its exit status (conftest.py, speech_model).
+# This run's status and log are its own: another checkout's run may share the
+# cache. The build has a session of its own, so that the trap below ends all
+# of it (espeak-ng too) and a Ctrl-C meant for pytest does not.
+RUN=$(mktemp -d "$CACHE/run.XXXXXX")
+SPEECH_LOG="$RUN/speech-model.log"
+SPEECH_STATUS="$RUN/speech-model.status"
+RQA_CACHE="$CACHE" setsid bash -c '
   code=0
-  RQA_CACHE="$CACHE" "$MAIN/bin/python" tests/speech_model.py --cached \
-    2> "$CACHE/speech-model.log" || code=$?
-  echo "$code" > "$SPEECH_STATUS.tmp" && mv "$SPEECH_STATUS.tmp" "$SPEECH_STATUS"
-} &
-speech_build=$!
-# A failed step below ends the build too (the builder, then its shell).
-trap 'pkill -P "$speech_build" 2> /dev/null; kill "$speech_build" 2> /dev/null || true' EXIT
-echo "speech model: cached, or built meanwhile (log: $CACHE/speech-model.log)" >&2
+  "$1" tests/speech_model.py --cached 2> "$2" || code=$?
+  echo "$code" > "$3.tmp" && mv "$3.tmp" "$3"
+' _ "$MAIN/bin/python" "$SPEECH_LOG" "$SPEECH_STATUS" &
+speech_build=$! # its session and process group too
+# Ended with the run, while it has no status (after that its id may be reused).
+trap '[ -f "$SPEECH_STATUS" ] || kill -- -"$speech_build" 2> /dev/null || true' EXIT
+echo "speech model: cached, or built meanwhile (log: $SPEECH_LOG)" >&2
 
 wait "$old_build"
 PLAIN=$(ensure_plain)
@@ -151,15 +160,22 @@ export "${podman_conf?}"
 "$MAIN/bin/hadolint" Dockerfile
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
 code=0
-RQA_SPEECH_BUILD_STATUS="$SPEECH_STATUS" RQA_SPEECH_BUILD_PID="$speech_build" VLLM023_PYTHON="$OLD/bin/python" \
+RQA_SPEECH_BUILD_STATUS="$SPEECH_STATUS" RQA_SPEECH_BUILD_LOG="$SPEECH_LOG" \
+  RQA_SPEECH_BUILD_PID="$speech_build" VLLM023_PYTHON="$OLD/bin/python" \
   PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 \
   --dist loadgroup "$@" || code=$?
-# A run of a few tests (arguments) may end first: the build goes on to the cache.
-wait "$speech_build"
+# Interrupted, or worse than failed tests: the build ends with the run.
+[ "$code" -le 1 ] || exit "$code"
+# A run of a few tests (arguments) may end before the build, which goes on
+# into the cache.
+[ -f "$SPEECH_STATUS" ] || echo "waiting for the speech model's build (log: $SPEECH_LOG)" >&2
+wait "$speech_build" || true
 trap - EXIT
-if [ "$(cat "$SPEECH_STATUS")" != 0 ]; then
-  tail -n 30 "$CACHE/speech-model.log" >&2
+if [ "$(cat "$SPEECH_STATUS" 2> /dev/null)" != 0 ]; then
+  tail -n 30 "$SPEECH_LOG" >&2
+  echo "the speech model's build failed (log: $SPEECH_LOG)" >&2
   exit 1
 fi
-tail -n 1 "$CACHE/speech-model.log" >&2
+tail -n 1 "$SPEECH_LOG" >&2
+rm -rf "$RUN"
 exit "$code"
