@@ -6,10 +6,8 @@ environment the script runs in (helpers.run_cli builds it from nothing)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))
 sys.path.insert(0, str(TESTS))
 
-import speech_model as speech_builder  # noqa: E402
 from helpers import VLLM_PYTHONS, chirp, tone, vllm_python, write_demo_assets  # noqa: E402
+from speech_model import install as install_speech_model  # noqa: E402
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
 from tiny_qwen3_asr import build_tiny_qwen3_asr  # noqa: E402
 
@@ -47,45 +45,8 @@ def qwen3_asr_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def speech_model(tmp_path_factory) -> Path:
-    """The speech-trained tiny checkpoint (cached; tests/run.sh builds it
-    beside the other tests, and the tests that need it wait for that build)."""
-    status = os.environ.get("RQA_SPEECH_BUILD_STATUS")
-    if status:
-        log = Path(os.environ.get("RQA_SPEECH_BUILD_LOG", "(unknown)"))
-        wait_for_the_build(Path(status), int(os.environ.get("RQA_SPEECH_BUILD_PID", "0")), log)
-        built = speech_builder.cache_root() / f"speech-model-{speech_builder.VERSION}"
-        if not speech_builder.is_complete(built):  # never a second build in here
-            pytest.fail(f"the speech model's build ended, yet {built} is not complete; log: {log}")
-    return speech_builder.install(tmp_path_factory.mktemp("speech-model"))
-
-
-def wait_for_the_build(status: Path, builder: int, log: Path) -> None:
-    """Until tests/run.sh's build (process builder) writes its exit status; a
-    failed build fails the tests that need it (naming its log) instead of
-    starting another here."""
-    while not status.is_file():
-        if not running(builder):  # its status is there now, or never will be
-            if not status.is_file():
-                pytest.fail(f"the speech model's build ended without a status; log: {log}")
-            break
-        time.sleep(2)
-    code = status.read_text().strip()
-    if code != "0":
-        pytest.fail(f"the speech model's build failed (exit {code}); log: {log}")
-
-
-def running(pid: int) -> bool:
-    """Whether process pid runs (a zombie, ended but not yet waited for, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # gone (ENOENT, or ESRCH when it is reaped while read)
-        return False
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests of the speech model last: run while it is being built, the
-    others go first."""
-    items.sort(key=lambda item: "speech_model" in getattr(item, "fixturenames", ()))
+    """The speech-trained tiny checkpoint (built by tests/run.sh first, cached)."""
+    return install_speech_model(tmp_path_factory.mktemp("speech-model"))
 
 
 @pytest.fixture(scope="session")

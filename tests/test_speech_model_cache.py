@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import subprocess
-import threading
 from pathlib import Path
 
-import conftest
 import pytest
 import speech_model
 
@@ -100,45 +96,3 @@ def test_install_gives_up_with_a_message_when_the_build_keeps_vanishing(
     with pytest.raises(RuntimeError, match="removed three times"):
         speech_model.install(tmp_path / "copy")
     assert len(builds) == 3
-
-
-# tests/run.sh builds the model beside the other tests; the tests that need it
-# wait for the build's exit status (conftest.wait_for_the_build).
-
-LOG = Path("/runs/speech-model.log")
-
-
-def test_the_tests_that_need_the_model_wait_for_the_build_to_end(tmp_path):
-    status = tmp_path / "speech-model.status"
-    # The builder writes its status (0) as run.sh does, once told to.
-    write = 'read line; echo 0 > "$1.tmp" && mv "$1.tmp" "$1"'
-    builder = subprocess.Popen(["sh", "-c", write, "_", str(status)], stdin=subprocess.PIPE)
-    outcome: list[BaseException | None] = []
-
-    def wait() -> None:
-        try:
-            conftest.wait_for_the_build(status, builder.pid, LOG)
-            outcome.append(None)
-        except BaseException as exc:  # pytest.fail raises an OutcomeException
-            outcome.append(exc)
-
-    waiting = threading.Thread(target=wait)
-    waiting.start()
-    assert waiting.is_alive() and not status.exists()  # nothing can end it but the builder
-    builder.communicate(b"go\n")
-    waiting.join(timeout=120)  # a backstop against a hang, not a bound
-    assert not waiting.is_alive() and outcome == [None]
-
-
-def test_a_failed_build_fails_the_tests_that_need_it_naming_its_log(tmp_path):
-    status = tmp_path / "speech-model.status"
-    status.write_text("1\n")
-    with pytest.raises(pytest.fail.Exception, match=r"build failed \(exit 1\); log: /runs/"):
-        conftest.wait_for_the_build(status, os.getpid(), LOG)
-
-
-def test_a_build_that_ends_without_a_status_fails_instead_of_waiting_for_ever(tmp_path):
-    builder = subprocess.Popen(["true"])
-    builder.wait()
-    with pytest.raises(pytest.fail.Exception, match="ended without a status; log: /runs/"):
-        conftest.wait_for_the_build(tmp_path / "speech-model.status", builder.pid, LOG)
