@@ -134,10 +134,11 @@ fi
 # took 1.4-5.8 s beside two; docs/testing.md, Timings). In a session of its own, so that the
 # trap below ends all of it (espeak-ng too); its log is this run's own, as
 # another checkout's run may share the cache.
+find "$CACHE" -maxdepth 1 -name 'speech-model.*.log' -mtime +7 -delete # failed runs' logs
 SPEECH_LOG=$(mktemp "$CACHE/speech-model.XXXXXX.log")
 RQA_CACHE="$CACHE" setsid "$MAIN/bin/python" tests/speech_model.py --cached 2> "$SPEECH_LOG" &
-speech_build=$! # its session and process group too; not reused before it is waited for
-trap 'kill -- -"$speech_build" 2> /dev/null || true' EXIT
+speech_build=$! # its session and process group too, once setsid has run
+trap 'kill -- -"$speech_build" 2> /dev/null || kill "$speech_build" 2> /dev/null || true' EXIT
 echo "speech model: cached, or built meanwhile (log: $SPEECH_LOG)" >&2
 
 wait "$old_build"
