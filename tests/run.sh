@@ -130,10 +130,10 @@ fi
 # The speech-trained tiny model of the hearing tests: built once per version
 # of its builder (20 to 45 minutes on two cores), cached beside the venvs. A
 # cold build runs beside the image builds, and pytest starts when it is done:
-# beside busy processes its two torch threads spin-wait (a step of 0.35 s alone
-# took 1.4-5.8 s beside two; docs/testing.md, Timings). In a session of its own, so that the
-# trap below ends all of it (espeak-ng too); its log is this run's own, as
-# another checkout's run may share the cache.
+# beside busy processes its two torch threads spin-wait (a step of 0.35 s
+# alone took 1.4-5.8 s beside two; docs/testing.md, Timings). In a session of
+# its own, so that the trap below ends all of it (espeak-ng too); its log is
+# this run's own, as another checkout's run may share the cache.
 find "$CACHE" -maxdepth 1 -name 'speech-model.*.log' -mtime +7 -delete # failed runs' logs
 SPEECH_LOG=$(mktemp "$CACHE/speech-model.XXXXXX.log")
 RQA_CACHE="$CACHE" setsid "$MAIN/bin/python" tests/speech_model.py --cached 2> "$SPEECH_LOG" &
