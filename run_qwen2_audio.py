@@ -1243,12 +1243,25 @@ def check_language(code: str, where: str) -> str:
             f'{where}: "language" {code!r} is not a language code we know; use an '
             "ISO 639-1 code such as en, zh, de, fr (or yue), optionally with a region: en-US"
         )
+    return language_tag(code)
+
+
+def language_tag(code: str) -> str:
     return code.strip().lower().replace("_", "-")
 
 
 def primary_language(code: str) -> str:
-    """ "en-US" -> "en": what a model is told (it knows languages, not regions)."""
-    return code.strip().lower().replace("_", "-").split("-")[0]
+    """ "en-US" -> "en": what a model is told (it knows languages, not regions);
+    "zh-yue" -> "yue" (BCP-47's extended language subtag: the language spoken)."""
+    subtags = language_tag(code).split("-")
+    if len(subtags) > 1 and len(subtags[1]) == 3 and subtags[1] in LANGUAGES:
+        return subtags[1]
+    return subtags[0]
+
+
+# Chinese of a region where Cantonese is spoken as much as Mandarin: told to
+# a model, "zh" would force Mandarin on what may be Cantonese speech.
+AMBIGUOUS_SPEECH = {"zh-hk": "Hong Kong", "zh-mo": "Macau"}
 
 
 def is_url(source: str) -> bool:
@@ -1875,6 +1888,14 @@ def check_fits_profile(request: AudioRequest, name: str, profile: ModelProfile) 
             f"{name}: {len(request.audio)} clips in one prompt, but {profile.name} takes "
             f"{profile.max_clips}; give each clip its own request (a manifest line, or "
             "--audio-dir)"
+        )
+    region = AMBIGUOUS_SPEECH.get(language_tag(request.language or ""))
+    if profile.languages and region:
+        raise ExplainedError(
+            f"{name}: language {request.language!r} is Chinese as written in "
+            f"{region}, where Cantonese and Mandarin are both "
+            f"spoken; {profile.name} must be told which: yue (Cantonese) or zh (Mandarin), "
+            'or leave "language" out and the model says which it heard'
         )
     if (
         profile.languages
@@ -2776,6 +2797,8 @@ def segment_record(
     }
     if parsed[0][1] is not None:
         record["answer_language"] = parsed[0][1]
+    if n > 1 and any(language for _, language in parsed):
+        record["answer_languages"] = [language for _, language in parsed]
     if attempt.reasons:
         record["suspect"] = attempt.reasons
     return record
@@ -2832,8 +2855,10 @@ def result_record(
         "timing": timing,
     }
     if prepared.profile.languages:  # what the model said it heard, or was told
-        stated = [p["answer_language"] for p in heard_parts if "answer_language" in p]
-        record["answer_language"] = prepared.forced_language or (stated[0] if stated else None)
+        languages = [stated_language(prepared, heard_parts, i) for i in completions]
+        record["answer_language"] = languages[0]
+        if n > 1:
+            record["answer_languages"] = languages
     heard = None if prepared.split else heard_seconds(prepared)
     if prepared.split:
         record["segments"] = parts
@@ -2849,7 +2874,9 @@ def result_record(
         record["truncated"] = True
         warnings += cut_off
     if request.reference is not None:
-        language = request.language or "en"
+        # Without a manifest language, the one the model says it heard scores it.
+        stated = language_code(prepared.profile, record.get("answer_language"))
+        language = request.language or stated or "en"
         record.update(reference=request.reference, language=language)
         score = score_answer(answers[0], request.reference, language)
         if score is None:
@@ -2863,6 +2890,23 @@ def result_record(
     if warnings:
         record["warnings"] = [escape_undecodable(w) for w in warnings]
     return record
+
+
+def stated_language(prepared: PreparedRequest, parts: list[dict[str, Any]], i: int) -> str | None:
+    """Completion i's language: the one the prompt forced, else the first its
+    segments state (a segment of silence or music may state none)."""
+    if prepared.forced_language:
+        return prepared.forced_language
+    for part in parts:
+        stated = part.get("answer_languages", [part.get("answer_language")])
+        if i < len(stated) and stated[i]:
+            return stated[i]
+    return None
+
+
+def language_code(profile: ModelProfile, name: str | None) -> str | None:
+    """ "Chinese" -> "zh": a language the model names, as the code it scores by."""
+    return next((code for code, known in profile.languages.items() if known == name), None)
 
 
 def failed_segment_record(error: ExplainedError, segment: Segment) -> dict[str, Any]:
@@ -2962,7 +3006,7 @@ def scoring_tools() -> tuple[Any, Callable[[str], str], Callable[[str], str]]:
 
 def metric_for(language: str) -> str:
     """cer for languages written without spaces between words, else wer."""
-    return "cer" if language.split("-")[0] in CER_LANGUAGES else "wer"
+    return "cer" if primary_language(language) in CER_LANGUAGES else "wer"
 
 
 def normalize_for_scoring(text: str, language: str) -> str:
@@ -2972,7 +3016,7 @@ def normalize_for_scoring(text: str, language: str) -> str:
     punctuation); character-scored languages lose their spaces."""
     _, english, basic = scoring_tools()
     text = re.sub(r"<\|[^|]*\|>", " ", text)
-    if language.split("-")[0] == "en":
+    if primary_language(language) == "en":
         text = english(text)
     words = basic(text).split()
     return "".join(words) if metric_for(language) == "cer" else " ".join(words)
@@ -3593,7 +3637,8 @@ def dry_run(
     if device is None and device_memory_gb:
         device = device_memory_gb * 2**30
     request_tokens = largest_prompt + options.answer_tokens if largest_prompt else None
-    for line in memory_estimate_lines(facts, llm_kwargs, device, request_tokens):
+    lines = memory_estimate_lines(facts, llm_kwargs, device, request_tokens, options.chunk_size)
+    for line in lines:
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
         log(f"{failed} of {len(requests)} request(s) cannot run (errors above)")
@@ -3736,6 +3781,7 @@ def memory_estimate_lines(
     llm_kwargs: dict[str, Any],
     device_bytes: float | None,
     request_tokens: int | None,
+    in_flight: int | None = None,
 ) -> list[str]:
     """The weight and KV-cache arithmetic, judged by vLLM's own rules.
 
@@ -3743,7 +3789,8 @@ def memory_estimate_lines(
     after the weights (and the activations it measures at start-up, which are
     not counted here). It starts if that holds ONE max_model_len sequence,
     and runs as many requests at once as their actual tokens fit, up to
-    max_num_seqs. request_tokens: this run's largest prompt + max_tokens.
+    max_num_seqs. request_tokens: this run's largest prompt + max_tokens;
+    in_flight: the most requests the caller keeps in the engine (--chunk-size).
     """
     defaults = vllm_engine_defaults()
 
@@ -3808,14 +3855,19 @@ def memory_estimate_lines(
         return lines
     if request_tokens:
         at_once = kv_tokens // request_tokens
-        limit = f"--max-num-seqs {max_num_seqs}" if max_num_seqs else "max_num_seqs"
+        # The engine runs no more than it is given: the tool's in-flight limit
+        # is the bound when it is below max_num_seqs (vLLM's 256 by default).
+        if in_flight and in_flight < max_num_seqs:
+            limit, running = f"--chunk-size {in_flight} keeps", in_flight
+        else:
+            limit, running = f"--max-num-seqs {max_num_seqs} runs", max_num_seqs
         lines.append(
             f"concurrency: this run's largest request is {request_tokens} tokens "
             f"(prompt + max_tokens): {at_once} such requests fit at once; {limit} "
             + (
-                f"runs at most {max_num_seqs} (raise it up to {at_once} for batch throughput)"
-                if max_num_seqs and max_num_seqs < at_once
-                else "is at or above that: the rest wait for KV space"
+                f"at most {running} (raise it up to {at_once} for batch throughput)"
+                if running < at_once
+                else f"up to {running}, more than fit: the rest wait for KV space"
             )
         )
     return lines

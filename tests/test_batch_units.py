@@ -212,6 +212,21 @@ def test_fit_follows_vllms_rule_by_hand(device_gib, kv_tokens, at_once):
     assert f"--max-num-seqs 5 runs at most 5 (raise it up to {at_once}" in lines[3]
 
 
+def test_concurrency_is_bounded_by_what_the_tool_keeps_in_the_engine():
+    # Without --max-num-seqs vLLM allows 256; the CLI then keeps 64 in flight.
+    kwargs = {**tool.engine_kwargs(), "max_num_seqs": None}
+    device, short_clips = 64 * GIB, 150  # a 3 s clip's prompt + a short answer
+    [*_, fits] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips)
+    at_once = int(fits.split(": ")[2].split()[0])
+    assert at_once > 256
+    [*_, kept] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips, in_flight=64)
+    assert f"--chunk-size 64 keeps at most 64 (raise it up to {at_once}" in kept
+    [*_, unbound] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips, in_flight=512)
+    assert "--max-num-seqs 256 runs at most 256" in unbound
+    [*_, short] = tool.memory_estimate_lines(SEVEN_B, kwargs, 32 * GIB, 844, in_flight=64)
+    assert "--chunk-size 64 keeps up to 64, more than fit: the rest wait" in short
+
+
 def test_fit_refuses_what_vllm_would_refuse(capsys):
     # 20 GiB x 0.8 = 16 GiB: 0.36 GiB left after the weights, 735 tokens < 4096.
     kwargs = tool.engine_kwargs()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from helpers import PUBLISHED, SCRIPT, engine_arguments, one_error_line, run_cli
@@ -193,6 +194,54 @@ def test_qwen3_asr_is_told_a_language_without_its_region(clips):
     assert qwen3_asr_request(audio=audio, language="EN_gb").forced_language == "English"
     line = '{"id": "x", "audio": "a.wav", "language": "en-US"}'
     assert tool.parse_manifest_line(line, 1, clips["a.wav"].parent).language == "en-us"
+
+
+def test_chinese_of_a_region_with_two_spoken_languages_must_say_which(clips):
+    """zh-HK names how Chinese is written in Hong Kong, not what is spoken there:
+    forcing Mandarin on Cantonese speech would be a silent error."""
+    audio = [str(clips["a.wav"])]
+    for code in ("zh-HK", "zh_mo"):
+        error = str(qwen3_asr_request(audio=audio, language=code).error)
+        assert "Cantonese and Mandarin are both spoken" in error
+        assert "yue (Cantonese) or zh (Mandarin)" in error
+    assert qwen3_asr_request(audio=audio, language="zh-yue").forced_language == "Cantonese"
+    assert qwen3_asr_request(audio=audio, language="zh-CN").forced_language == "Chinese"
+    # Written Chinese of any region is scored per character, as before.
+    assert tool.metric_for("zh-hk") == tool.metric_for("zh-yue") == "cer"
+
+
+def answered(prepared: tool.PreparedRequest, *answers: str) -> dict:
+    """The record of prepared answered by a stand-in for vLLM's output."""
+    completions = [
+        SimpleNamespace(text=text, token_ids=[1, 2], finish_reason="stop") for text in answers
+    ]
+    output = SimpleNamespace(outputs=completions, prompt_token_ids=[0] * 10)
+    attempt = tool.Attempt(output=output, temperature=0.0)
+    return tool.result_record(prepared, [attempt], {}, completions=len(answers))
+
+
+def test_each_completion_keeps_the_language_it_states(clips):
+    prepared = qwen3_asr_request(audio=[str(clips["a.wav"])])
+    record = answered(
+        prepared, "language English<asr_text>one two", "language German<asr_text>eins zwei"
+    )
+    assert record["answers"] == ["one two", "eins zwei"]
+    assert record["answer_language"] == "English"
+    assert record["answer_languages"] == ["English", "German"]
+    single = answered(prepared, "language German<asr_text>eins zwei")
+    assert single["answer_language"] == "German" and "answer_languages" not in single
+
+
+def test_a_reference_without_a_language_is_scored_in_the_one_the_model_heard(clips):
+    audio = [str(clips["a.wav"])]
+    chinese = answered(
+        qwen3_asr_request(audio=audio, reference="你好世界"), "language Chinese<asr_text>你好世"
+    )
+    assert chinese["language"] == "zh" and chinese["cer"] == 0.25
+    told = answered(qwen3_asr_request(audio=audio, reference="ni hao", language="en"), "ni hao")
+    assert told["language"] == "en" and told["wer"] == 0.0
+    unsure = answered(qwen3_asr_request(audio=audio, reference="a b"), "language None<asr_text>")
+    assert unsure["language"] == "en" and unsure["wer"] == 1.0
 
 
 def test_the_smaller_qwen3_asr_plans_with_the_larger_ones_config_and_says_so():
