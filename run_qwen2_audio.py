@@ -1156,7 +1156,8 @@ class AudioRequest:
     question: str | None = None
     system_prompt: str | None = None
     reference: str | None = None  # the expected answer: the record gets WER/CER
-    # The speech's language: how the reference is scored ("en" when None) and,
+    # The speech's language: how the reference is scored (when None: the one a
+    # model such as Qwen3-ASR says it heard, else "en") and,
     # for a model that can be told one (Qwen3-ASR), the language it transcribes.
     language: str | None = None
     error: ExplainedError | None = None  # a manifest line that could not be read
@@ -1252,16 +1253,25 @@ def language_tag(code: str) -> str:
 
 def primary_language(code: str) -> str:
     """ "en-US" -> "en": what a model is told (it knows languages, not regions);
-    "zh-yue" -> "yue" (BCP-47's extended language subtag: the language spoken)."""
+    "zh-yue" -> "yue" (BCP-47's extended language subtag of Chinese: the
+    language spoken)."""
     subtags = language_tag(code).split("-")
-    if len(subtags) > 1 and len(subtags[1]) == 3 and subtags[1] in LANGUAGES:
+    if subtags[0] == "zh" and len(subtags) > 1 and subtags[1] in LANGUAGES:
         return subtags[1]
     return subtags[0]
 
 
-# Chinese of a region where Cantonese is spoken as much as Mandarin: told to
-# a model, "zh" would force Mandarin on what may be Cantonese speech.
-AMBIGUOUS_SPEECH = {"zh-hk": "Hong Kong", "zh-mo": "Macau"}
+# Regions where Cantonese is spoken as much as Mandarin: "zh-HK" (or
+# "zh-Hant-HK") says how Chinese is written there, and told to a model as
+# "zh" it would force Mandarin on what may be Cantonese speech.
+AMBIGUOUS_SPEECH = {"hk": "Hong Kong", "mo": "Macau"}
+
+
+def ambiguous_region(code: str) -> str | None:
+    subtags = language_tag(code).split("-")
+    if primary_language(code) != "zh":
+        return None
+    return next((AMBIGUOUS_SPEECH[s] for s in subtags[1:] if s in AMBIGUOUS_SPEECH), None)
 
 
 def is_url(source: str) -> bool:
@@ -1889,7 +1899,7 @@ def check_fits_profile(request: AudioRequest, name: str, profile: ModelProfile) 
             f"{profile.max_clips}; give each clip its own request (a manifest line, or "
             "--audio-dir)"
         )
-    region = AMBIGUOUS_SPEECH.get(language_tag(request.language or ""))
+    region = ambiguous_region(request.language or "")
     if profile.languages and region:
         raise ExplainedError(
             f"{name}: language {request.language!r} is Chinese as written in "
@@ -2797,7 +2807,7 @@ def segment_record(
     }
     if parsed[0][1] is not None:
         record["answer_language"] = parsed[0][1]
-    if n > 1 and any(language for _, language in parsed):
+    if n > 1 and profile.languages:
         record["answer_languages"] = [language for _, language in parsed]
     if attempt.reasons:
         record["suspect"] = attempt.reasons
@@ -2969,8 +2979,17 @@ def error_record(prepared: PreparedRequest) -> dict[str, Any]:
         "error": {"type": prepared.error.kind, "message": escape_undecodable(str(prepared.error))},
     }
     if request.reference is not None:  # counted apart in the WER/CER summary
-        record.update(reference=request.reference, language=request.language or "en")
+        record.update(reference=request.reference, language=failed_language(prepared))
     return record
+
+
+def failed_language(prepared: PreparedRequest) -> str | None:
+    """The language a failed request's reference counts under: the one given,
+    else English, or None (the report's "unstated") for a model that would have
+    said which it heard."""
+    if prepared.request.language:
+        return prepared.request.language
+    return None if prepared.profile.languages else "en"
 
 
 # --------------------------------------------------------------------------
@@ -3433,6 +3452,10 @@ def lock_output(stream: TextIO, path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+# Where the report counts failed requests whose language nobody gave or heard.
+UNSTATED = "unstated"
+
+
 @dataclasses.dataclass
 class CorpusScore:
     """WER or CER over the scored requests of one language: total edits over
@@ -3500,7 +3523,7 @@ class RunReport:
         """Count a record in its language's WER/CER (records of an earlier
         run too, when resuming: the figures cover the whole output)."""
         if "reference" in record:
-            language = record.get("language", "en")
+            language = record.get("language", "en") or UNSTATED
             self.scores.setdefault(language, CorpusScore(metric_for(language))).add(record)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -3590,8 +3613,10 @@ def dry_run(
     count: TokenCounter | None,
     facts: ModelFacts,
     device_memory_gb: float | None,
+    completions: int = 1,
 ) -> int:
-    """Prompts, token budgets, engine arguments and memory arithmetic; no engine."""
+    """Prompts, token budgets, engine arguments and memory arithmetic; no engine.
+    completions: answers per request (--n), each a sequence in the engine."""
     out = sys.stdout
     failed = 0
     largest_prompt = 0
@@ -3637,7 +3662,9 @@ def dry_run(
     if device is None and device_memory_gb:
         device = device_memory_gb * 2**30
     request_tokens = largest_prompt + options.answer_tokens if largest_prompt else None
-    lines = memory_estimate_lines(facts, llm_kwargs, device, request_tokens, options.chunk_size)
+    lines = memory_estimate_lines(
+        facts, llm_kwargs, device, request_tokens, options.chunk_size, completions
+    )
     for line in lines:
         out.write(f"# {line}\n")
     if failed and len(requests) > 1:
@@ -3782,6 +3809,7 @@ def memory_estimate_lines(
     device_bytes: float | None,
     request_tokens: int | None,
     in_flight: int | None = None,
+    n: int = 1,
 ) -> list[str]:
     """The weight and KV-cache arithmetic, judged by vLLM's own rules.
 
@@ -3790,7 +3818,8 @@ def memory_estimate_lines(
     not counted here). It starts if that holds ONE max_model_len sequence,
     and runs as many requests at once as their actual tokens fit, up to
     max_num_seqs. request_tokens: this run's largest prompt + max_tokens;
-    in_flight: the most requests the caller keeps in the engine (--chunk-size).
+    in_flight: the most requests the caller keeps in the engine (--chunk-size),
+    each n sequences (--n).
     """
     defaults = vllm_engine_defaults()
 
@@ -3857,18 +3886,25 @@ def memory_estimate_lines(
         at_once = kv_tokens // request_tokens
         # The engine runs no more than it is given: the tool's in-flight limit
         # is the bound when it is below max_num_seqs (vLLM's 256 by default).
-        if in_flight and in_flight < max_num_seqs:
-            limit, running = f"--chunk-size {in_flight} keeps", in_flight
+        sequences = in_flight * n if in_flight else None
+        if sequences and sequences < max_num_seqs:
+            flags = f"--chunk-size {in_flight}" + (f" x --n {n}" if n > 1 else "")
+            limit, running = f"{flags} keeps", sequences
+            raise_to = f"raise --chunk-size up to {min(at_once, max_num_seqs) // n}"
+            if at_once > max_num_seqs:
+                raise_to += f", and --max-num-seqs up to {at_once} with it,"
         else:
             limit, running = f"--max-num-seqs {max_num_seqs} runs", max_num_seqs
+            raise_to = f"raise it up to {at_once}"
+        if running < at_once:
+            bound = f"at most {running} ({raise_to} for batch throughput)"
+        elif running == at_once:
+            bound = f"at most {running}: as many as fit"
+        else:
+            bound = f"up to {running}, more than fit: the rest wait for KV space"
         lines.append(
             f"concurrency: this run's largest request is {request_tokens} tokens "
-            f"(prompt + max_tokens): {at_once} such requests fit at once; {limit} "
-            + (
-                f"at most {running} (raise it up to {at_once} for batch throughput)"
-                if running < at_once
-                else f"up to {running}, more than fit: the rest wait for KV space"
-            )
+            f"(prompt + max_tokens): {at_once} such sequences fit at once; {limit} {bound}"
         )
     return lines
 
@@ -4058,7 +4094,9 @@ def run(args: argparse.Namespace, model: ModelSource, engine_choices: dict[str, 
     if any(r.reference is not None for r in requests):
         scoring_tools()  # missing packages fail now, not after the engine started
     if args.dry_run:
-        return dry_run(requests, options, llm_kwargs, count_tokens, facts, args.device_memory_gb)
+        return dry_run(
+            requests, options, llm_kwargs, count_tokens, facts, args.device_memory_gb, args.n
+        )
     batch = bool(args.manifest or args.audio_dir)
     fmt = output_format(args, batch)
     params = build_sampling_params(args)

@@ -213,18 +213,34 @@ def test_fit_follows_vllms_rule_by_hand(device_gib, kv_tokens, at_once):
 
 
 def test_concurrency_is_bounded_by_what_the_tool_keeps_in_the_engine():
-    # Without --max-num-seqs vLLM allows 256; the CLI then keeps 64 in flight.
+    # Without --max-num-seqs vLLM allows 256; the CLI then keeps 64 requests in
+    # flight, each --n sequences.
     kwargs = {**tool.engine_kwargs(), "max_num_seqs": None}
+
+    def concurrency(device: int, request: int, in_flight: int | None, n: int = 1) -> str:
+        lines = tool.memory_estimate_lines(SEVEN_B, kwargs, device, request, in_flight, n)
+        return lines[-1]
+
     device, short_clips = 64 * GIB, 150  # a 3 s clip's prompt + a short answer
-    [*_, fits] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips)
-    at_once = int(fits.split(": ")[2].split()[0])
+    at_once = int(concurrency(device, short_clips, None).split(": ")[2].split()[0])
     assert at_once > 256
-    [*_, kept] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips, in_flight=64)
-    assert f"--chunk-size 64 keeps at most 64 (raise it up to {at_once}" in kept
-    [*_, unbound] = tool.memory_estimate_lines(SEVEN_B, kwargs, device, short_clips, in_flight=512)
-    assert "--max-num-seqs 256 runs at most 256" in unbound
-    [*_, short] = tool.memory_estimate_lines(SEVEN_B, kwargs, 32 * GIB, 844, in_flight=64)
-    assert "--chunk-size 64 keeps up to 64, more than fit: the rest wait" in short
+    assert (
+        f"--chunk-size 64 keeps at most 64 (raise --chunk-size up to 256, and "
+        f"--max-num-seqs up to {at_once} with it, for batch throughput)"
+    ) in concurrency(device, short_clips, 64)
+    assert "--chunk-size 64 x --n 2 keeps at most 128 (raise --chunk-size up to 128," in (
+        concurrency(device, short_clips, 64, n=2)
+    )
+    assert "--max-num-seqs 256 runs at most 256 (raise it up to" in (
+        concurrency(device, short_clips, 512)
+    )
+    # 32 GiB holds 24 requests of a 30 s clip's prompt and 64 tokens.
+    assert "--chunk-size 64 keeps up to 64, more than fit: the rest wait" in (
+        concurrency(32 * GIB, 844, 64)
+    )
+    assert "--chunk-size 6 x --n 4 keeps at most 24: as many as fit" in (
+        concurrency(32 * GIB, 844, 6, n=4)
+    )
 
 
 def test_fit_refuses_what_vllm_would_refuse(capsys):

@@ -8,6 +8,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from helpers import PUBLISHED, SCRIPT, engine_arguments, one_error_line, run_cli
 
@@ -200,24 +201,48 @@ def test_chinese_of_a_region_with_two_spoken_languages_must_say_which(clips):
     """zh-HK names how Chinese is written in Hong Kong, not what is spoken there:
     forcing Mandarin on Cantonese speech would be a silent error."""
     audio = [str(clips["a.wav"])]
-    for code in ("zh-HK", "zh_mo"):
+    for code in ("zh-HK", "zh_mo", "zh-Hant-HK"):
         error = str(qwen3_asr_request(audio=audio, language=code).error)
         assert "Cantonese and Mandarin are both spoken" in error
         assert "yue (Cantonese) or zh (Mandarin)" in error
     assert qwen3_asr_request(audio=audio, language="zh-yue").forced_language == "Cantonese"
     assert qwen3_asr_request(audio=audio, language="zh-CN").forced_language == "Chinese"
+    # Only Chinese has a language subtag here: "de-fil" is German of no region.
+    assert qwen3_asr_request(audio=audio, language="de-fil").forced_language == "German"
     # Written Chinese of any region is scored per character, as before.
     assert tool.metric_for("zh-hk") == tool.metric_for("zh-yue") == "cer"
 
 
-def answered(prepared: tool.PreparedRequest, *answers: str) -> dict:
-    """The record of prepared answered by a stand-in for vLLM's output."""
+def test_the_cli_refuses_chinese_of_hong_kong_alone_and_runs_cantonese(
+    qwen3_asr_model, clips, home, tmp_path
+):
+    manifest = tmp_path / "jobs.jsonl"
+    lines = [
+        {"id": "hk", "audio": str(clips["a.wav"]), "language": "zh-HK", "reference": "你好"},
+        {"id": "yue", "audio": str(clips["a.wav"]), "language": "yue"},
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_cli("--model", qwen3_asr_model, "--manifest", manifest, "--dry-run", home=home)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "hk: language 'zh-hk'" in errors[0], result.stderr[-3000:]
+    assert "say which" not in errors[0] and "yue (Cantonese) or zh (Mandarin)" in errors[0]
+    assert "# request yue\n" in result.stdout
+    assert "language Cantonese<asr_text>" in result.stdout
+
+
+def stand_in_attempt(*answers: str) -> tool.Attempt:
+    """An attempt answered by a stand-in for vLLM's RequestOutput."""
     completions = [
         SimpleNamespace(text=text, token_ids=[1, 2], finish_reason="stop") for text in answers
     ]
     output = SimpleNamespace(outputs=completions, prompt_token_ids=[0] * 10)
-    attempt = tool.Attempt(output=output, temperature=0.0)
-    return tool.result_record(prepared, [attempt], {}, completions=len(answers))
+    return tool.Attempt(output=output, temperature=0.0)
+
+
+def answered(prepared: tool.PreparedRequest, *answers: str) -> dict:
+    """The record of prepared answered with these completions."""
+    return tool.result_record(prepared, [stand_in_attempt(*answers)], {}, completions=len(answers))
 
 
 def test_each_completion_keeps_the_language_it_states(clips):
@@ -230,6 +255,43 @@ def test_each_completion_keeps_the_language_it_states(clips):
     assert record["answer_languages"] == ["English", "German"]
     single = answered(prepared, "language German<asr_text>eins zwei")
     assert single["answer_language"] == "German" and "answer_languages" not in single
+    silent = answered(prepared, "language None<asr_text>", "language None<asr_text>")
+    assert silent["answer_language"] is None and silent["answer_languages"] == [None, None]
+
+
+def test_a_split_recording_states_the_language_of_its_first_segment_that_states_one(clips):
+    prepared = qwen3_asr_request(audio=[str(clips["a.wav"])], reference="eins zwei drei")
+    prepared.split = True
+    prepared.segments = [tool.Segment([np.zeros(16000)], 0.0, 1.0, silent=True),
+                         tool.Segment([np.zeros(16000)], 1.0, 2.0),
+                         tool.Segment([np.zeros(16000)], 2.0, 3.0)]  # fmt: skip
+    outputs = [
+        tool.Attempt(output=None, temperature=0.0),
+        stand_in_attempt("language None<asr_text>", "language None<asr_text>"),
+        stand_in_attempt("language German<asr_text>eins zwei drei", "language English<asr_text>x"),
+    ]
+    record = tool.result_record(prepared, outputs, {}, completions=2)
+    assert record["answer_languages"] == ["German", "English"]
+    assert [s.get("answer_languages") for s in record["segments"]] == [
+        None, [None, None], ["German", "English"]]  # fmt: skip
+    assert record["language"] == "de" and record["wer"] == 0.0
+
+
+def test_failed_requests_without_a_language_count_as_unstated_not_english(clips):
+    """A Qwen3-ASR request that failed was heard in no language: its reference
+    counts apart, not under English beside the answered ones' detected language."""
+    report = tool.RunReport()
+    broken = qwen3_asr_request(audio=["/no/such.wav"], reference="你好")
+    assert broken.error is not None
+    report.add(tool.error_record(broken))
+    heard = qwen3_asr_request(audio=[str(clips["a.wav"])], reference="你好")
+    report.add(answered(heard, "language Chinese<asr_text>你好"))
+    assert report.scores["zh"].scored == 1 and report.scores[tool.UNSTATED].failed == 1
+    assert "en" not in report.scores
+    qwen2 = tool.prepare_request(
+        tool.AudioRequest(id="q", audio=["/no/such.wav"], reference="hi"), tool.Options(), None
+    )
+    assert tool.error_record(qwen2)["language"] == "en"
 
 
 def test_a_reference_without_a_language_is_scored_in_the_one_the_model_heard(clips):

@@ -181,7 +181,7 @@ def test_dry_run_warns_when_the_7b_model_cannot_start(clips, home):
     result = run_cli(*argv[:-1], "64", home=home)
     assert "fits, vLLM will start" in result.stdout
     # a 3 s clip: 75 audio tokens + the text, + 64 max tokens, well under 4096
-    assert "such requests fit at once; --max-num-seqs 5 runs at most 5" in result.stdout
+    assert "such sequences fit at once; --max-num-seqs 5 runs at most 5" in result.stdout
 
 
 def test_dry_run_with_a_mistyped_model_directory_fails(home, clips):
