@@ -178,6 +178,10 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
     folder.mkdir()
     variants = {u.id: write_variants(folder, u) for u in heldout}
     formats = list(variants[heldout[0].id])
+    if vllm != vllm_python("vllm-0.32"):
+        # The reported formats' figures are the model's, not the engine's:
+        # measured on the current vLLM alone (0.23 gave the same answers).
+        formats = [name for name in formats if name not in REPORTED]
     # Several clips in one prompt: two or three utterances, then the same reversed.
     groups = [heldout[i : i + 2] for i in range(0, 8, 2)]
     groups += [heldout[i : i + 3] for i in range(8, 23, 3)]
@@ -548,6 +552,10 @@ def test_subtitle_cues_hold_the_words_spoken_between_their_times(
 # --------------------------------------------------------------------------
 
 BUSY = 500
+# The answers one at a time are the reference for every fourth utterance:
+# a batch that moved answers between ids, or changed them, shows there (all
+# 500 were measured the same, docs/testing.md), at a quarter of the cost.
+SERIAL_EVERY = 4
 
 
 def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed(
@@ -558,26 +566,28 @@ def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed
     folder.mkdir()
     for u in speech:
         hearing.write_wav(folder / f"{u.id}.wav", u.samples)
-    lines = [
-        {"id": u.id, "audio": str(folder / f"{u.id}.wav"), "reference": u.text} for u in speech
-    ]
 
-    def write_manifest(name: str, extra: list[dict]) -> Path:
+    def write_manifest(name: str, utterances: list, extra: list[dict]) -> Path:
+        lines = [
+            {"id": u.id, "audio": str(folder / f"{u.id}.wav"), "reference": u.text}
+            for u in utterances
+        ]
         return hearing.write_manifest(tmp_path / f"{name}-jobs.jsonl", lines + extra)
 
     python = vllm_python("vllm-0.32")
+    sampled = speech[::SERIAL_EVERY]
     serial_out = tmp_path / "serial.jsonl"
     serial = run_speech_model(
         speech_model,
         home,
         "--manifest",
-        write_manifest("serial", []),
+        write_manifest("serial", sampled, []),
         "--output",
         serial_out,
         "--max-num-seqs",
         "1",
         python=python,
-        timeout=1200,  # 500 requests one at a time, beside another test on two cores
+        timeout=1200,  # requests one at a time, beside another test on two cores
     )
     assert serial.returncode == 0, serial.stderr[-3000:]
     one_at_a_time = answers_by_id(serial_out)
@@ -585,7 +595,7 @@ def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed
     busy_out = tmp_path / "busy.jsonl"
     with HeldAudioServer() as held:
         # The held request comes last: the run cannot end before the kill.
-        manifest = write_manifest("busy", [{"id": "zz-held", "audio": held.url}])
+        manifest = write_manifest("busy", speech, [{"id": "zz-held", "audio": held.url}])
         argv = [
             python,
             str(SCRIPT),
@@ -624,17 +634,20 @@ def test_a_busy_batch_answers_each_id_with_its_own_words_even_killed_and_resumed
     assert_each_id_once(busy_out, [u.id for u in speech] + ["zz-held"], kept=kept)
     busy = answers_by_id(busy_out)
     busy.pop("zz-held")
-    assert set(busy) == set(one_at_a_time)
-    same = sum(busy[i] == one_at_a_time[i] for i in busy)
-    serial_wer = plain_wer(speech, one_at_a_time, "")
+    assert set(busy) == {u.id for u in speech}
+    same = sum(busy[i] == one_at_a_time[i] for i in one_at_a_time)
+    serial_wer = plain_wer(sampled, one_at_a_time, "")
+    sampled_busy_wer = plain_wer(sampled, busy, "")
     busy_wer = plain_wer(speech, busy, "")
     print(
-        f"{BUSY} utterances: WER one at a time {serial_wer:.1%}, busy {busy_wer:.1%}, "
-        f"same answer {same}/{BUSY}"
+        f"{BUSY} utterances busy: WER {busy_wer:.1%}; the {len(sampled)} also one at a time: "
+        f"WER {serial_wer:.1%} there, {sampled_busy_wer:.1%} busy, same answer "
+        f"{same}/{len(sampled)}"
     )
     assert serial_wer <= WAV_WER
-    assert busy_wer <= serial_wer + 0.01
-    assert same >= 0.98 * BUSY
+    assert busy_wer <= WAV_WER
+    assert sampled_busy_wer <= serial_wer + 0.01
+    assert same >= 0.98 * len(sampled)
 
 
 # --------------------------------------------------------------------------
