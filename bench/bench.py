@@ -411,10 +411,17 @@ def make_compressed_clips(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def tool_argv(model: Path, audio_dir: Path, out: Path, max_tokens: int, *extra: str) -> list[str]:
+def tool_argv(
+    model: Path,
+    audio_dir: Path,
+    out: Path,
+    max_tokens: int,
+    *extra: str,
+    script: Path = ROOT / "run_qwen2_audio.py",
+) -> list[str]:
     return [
         sys.executable,
-        str(ROOT / "run_qwen2_audio.py"),
+        str(script),
         "--model",
         str(model),
         "--audio-dir",
@@ -479,27 +486,46 @@ GUARD_OFF = [
 ]  # fmt: skip
 
 
-def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
+AS_ON_NPU = ROOT / "bench" / "as_on_npu.py"
+GUARD_SETTINGS = ("", ", compiled as on an NPU")  # vLLM's CPU backend, then vllm-ascend's
+
+
+def guard_cost(
+    folder: Path, rounds: int = SPEECH_ROUNDS, settings: tuple[str, ...] = GUARD_SETTINGS
+) -> None:
     """The answer guard's cost when nothing trips: the tool at its defaults
     (every answer measured, log-probabilities asked of the engine) against
     the guard turned off, on held-out speech for the speech-trained model,
     greedy, alternating rounds after an untimed one; then the same pair with
-    torch.compile off (TORCHDYNAMO_DISABLE=1), to tell a cost per answer
-    from vLLM's one compile per process."""
+    vLLM's small compiled functions built as on an NPU (bench/as_on_npu.py:
+    vllm-ascend compiles them with the "eager" backend), where vLLM's one
+    inductor build per process for the rank of each sampled token, which
+    the guard asks for, is not made."""
     import hearing
 
     model, media, speech = held_out_speech(folder, "guard")
     contenders = {"guard on": [], "guard off": GUARD_OFF}
     outputs, argv = {}, {}
-    # The same pair with torch.compile off: vLLM compiles its log-probability
-    # rank kernel once per process, at the first request that asks for them.
-    for compiled in (True, False):
+    inductor = {}  # a cache of its own for each run compiled as on an NPU: it stays empty
+    for suffix in settings:
         for name, flags in contenders.items():
-            label = name if compiled else f"{name}, no torch.compile"
+            label = name + suffix
             outputs[label] = folder / f"{label.replace(' ', '-').replace(',', '')}.jsonl"
-            command = tool_argv(model, media, outputs[label], SPEECH_MAX_TOKENS, *flags)
-            argv[label] = command if compiled else ["env", "TORCHDYNAMO_DISABLE=1", *command]
+            if not suffix:
+                argv[label] = tool_argv(model, media, outputs[label], SPEECH_MAX_TOKENS, *flags)
+                continue
+            inductor[label] = folder / f"inductor-{outputs[label].stem}"
+            argv[label] = [
+                "env",
+                f"TORCHINDUCTOR_CACHE_DIR={inductor[label]}",
+                *tool_argv(
+                    model, media, outputs[label], SPEECH_MAX_TOKENS, *flags, script=AS_ON_NPU
+                ),
+            ]
     runs, orders = alternating_runs(argv, outputs, rounds, warm_up=True)
+    for label, cache in inductor.items():
+        built = [p for p in cache.rglob("*") if p.is_file()]
+        assert not built, f"{label}: inductor built {len(built)} files, e.g. {built[:2]}"
     print(
         f"\n## guard: {SPEECH_UTTERANCES} held-out utterances, speech model, greedy, "
         f"at most {SPEECH_MAX_TOKENS} tokens, --max-num-seqs 64, vLLM's default layout"
@@ -521,7 +547,7 @@ def guard_cost(folder: Path, rounds: int = SPEECH_ROUNDS) -> None:
             f"| {statistics.median(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} "
             f"| {wer:.2%} | {fallbacks} ({suspect} suspect) |"
         )
-    for suffix in ("", ", no torch.compile"):
+    for suffix in settings:
         on, off = runs[f"guard on{suffix}"], runs[f"guard off{suffix}"]
         steady = [a.steady_rate(1) / b.steady_rate(1) for a, b in zip(on, off, strict=True)]
         whole = [a.wall / b.wall for a, b in zip(on, off, strict=True)]
