@@ -1,6 +1,6 @@
 """Fixtures: a tiny real Qwen2-Audio checkpoint, clips, the demo clips'
 cache, a user's empty home, a disk that fills up, and the vLLM versions
-under test. What tests
+under test; and the order tests are handed out in. What tests
 share besides fixtures is in helpers.py; nothing here changes the
 environment the script runs in (helpers.run_cli builds it from nothing)."""
 
@@ -100,3 +100,18 @@ def tiny_filesystem(tmp_path):
 def vllm(request) -> str:
     """The interpreter of each vLLM version under test (0.23: the image's)."""
     return vllm_python(request.param)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first: xdist hands tests to its workers in this order
+    (after its groups of several tests, the Slurm ones), and a long test handed
+    out last keeps one worker busy while the other has nothing left. The speech
+    model's runs are the longest, then every test that starts an engine; the
+    quick ones fill the end."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.name == "test_hearing.py":
+            return 0
+        return 1 if item.get_closest_marker("engine") else 2
+
+    items.sort(key=rank)  # stable: collection order within each rank

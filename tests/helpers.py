@@ -45,8 +45,19 @@ CPU_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
 # measures and flags); the guard's own tests, the hostile batch and every
 # test of the speech-trained model run it as users get it.
 ASK_ONCE = ["--temperature-fallback", "none"]
-# The CPU engine's KV cache size in GiB: a CPU setting with no NPU meaning.
-CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def cores_per_worker() -> int:
+    """This machine's cores shared out among pytest's workers (xdist sets the count)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+# CPU settings with no NPU meaning: the CPU engine's KV cache size in GiB, and
+# its torch threads, one worker's share of the cores. Two engines that each
+# run an OpenMP thread per core on the same cores wait on each other's spin:
+# three hearing tests on two workers took 112 s so, 85 s with a share each.
+CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(cores_per_worker())}
 # vLLM's Qwen3-ASR on a CPU test machine: tests/cpu_shims/sitecustomize.py
 # (torchvision's one import where the venv has none, and no pinned memory in
 # vLLM 0.23's audio encoder without CUDA); Qwen2-Audio needs neither.

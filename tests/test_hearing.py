@@ -174,14 +174,19 @@ class Files(http.server.SimpleHTTPRequestHandler):
 def test_every_format_is_heard_and_several_clips_answer_in_order(
     vllm, speech_model, heldout, tmp_path, home
 ):
+    """Every format and http on the current vLLM; on both, the WAVs and prompts of
+    several clips, answered in the clips' order."""
     folder = tmp_path / "audio"
     folder.mkdir()
     variants = {u.id: write_variants(folder, u) for u in heldout}
     formats = list(variants[heldout[0].id])
+    fetched = ["http"]
     if vllm != vllm_python("vllm-0.32"):
-        # The reported formats' figures are the model's, not the engine's:
-        # measured on the current vLLM alone (0.23 gave the same answers).
-        formats = [name for name in formats if name not in REPORTED]
+        # Reading a file format or a URL is the tool's own code, the same
+        # under either engine: on vLLM 0.23 the 16 kHz WAVs and the prompts
+        # of several clips, the engine's part (0.23 gave the same answers on
+        # every format while both ran them all, docs/testing.md).
+        formats, fetched = ["wav"], []
     # Several clips in one prompt: two or three utterances, then the same reversed.
     groups = [heldout[i : i + 2] for i in range(0, 8, 2)]
     groups += [heldout[i : i + 3] for i in range(8, 23, 3)]
@@ -194,7 +199,8 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
                     line["reference"] = u.text
                 lines.append(line)
         lines += [
-            {"id": f"http/{u.id}", "audio": f"{base}/{u.id}.wav", "reference": u.text}
+            {"id": f"{name}/{u.id}", "audio": f"{base}/{u.id}.wav", "reference": u.text}
+            for name in fetched
             for u in heldout
         ]
         for k, group in enumerate(groups):
@@ -218,7 +224,7 @@ def test_every_format_is_heard_and_several_clips_answer_in_order(
     answers = answers_by_id(out)
     assert len(answers) == len(lines)
 
-    rates = {name: plain_wer(heldout, answers, f"{name}/") for name in [*formats, "http"]}
+    rates = {name: plain_wer(heldout, answers, f"{name}/") for name in formats + fetched}
     print(f"{vllm}: WER by format " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     assert rates["wav"] <= WAV_WER, rates
     for name in rates:

@@ -1,7 +1,9 @@
 """Every hostile input, alone and inside a batch. Alone: a bad file ends in
 exit 2 and one line naming it and the fix; a strange but valid file is
 answered. In a batch: the bad file becomes an error record for its id and
-every other request gets its correct answer."""
+every other request gets its correct answer. The two-hour file is asked
+alone only: in a batch it would add minutes (260 segments) and no property,
+a long file's segments in a manifest being the hearing tests' subject."""
 
 from __future__ import annotations
 
@@ -130,7 +132,8 @@ def test_hostile_batch_loses_only_the_bad_items(corpus, clips, tiny_model, tmp_p
     folder.mkdir()
     for name in ("a.wav", "b.mp3"):
         (folder / name).write_bytes(clips[name].read_bytes())
-    lines = [json.dumps({"id": c.id, "audio": str(c.path)}) for c in corpus.values()]
+    cases = {case_id: case for case_id, case in corpus.items() if case_id != "two-hours"}
+    lines = [json.dumps({"id": c.id, "audio": str(c.path)}) for c in cases.values()]
     lines += [
         json.dumps({"id": "good-a", "audio": "a.wav"}),  # relative to the manifest
         json.dumps({"id": "good-b", "audio": str(folder / "b.mp3")}),
@@ -165,12 +168,12 @@ def test_hostile_batch_loses_only_the_bad_items(corpus, clips, tiny_model, tmp_p
     by_id = {r["id"]: r for r in records}
     # Lines without a usable id (torn JSON) or with a taken one are named
     # file:line; the others keep their own id.
-    first_bad = len(corpus) + 3
+    first_bad = len(cases) + 3
     bad_lines = {f"jobs.jsonl:{first_bad}", f"jobs.jsonl:{first_bad + 3}"}
     bad_lines |= {"wrong-type", "no-audio", "extra", "smuggled"}
-    assert len(records) == len(by_id) == len(corpus) + 2 + len(bad_lines)
-    assert set(by_id) == set(corpus) | {"good-a", "good-b"} | bad_lines
-    for case in corpus.values():
+    assert len(records) == len(by_id) == len(cases) + 2 + len(bad_lines)
+    assert set(by_id) == set(cases) | {"good-a", "good-b"} | bad_lines
+    for case in cases.values():
         record = by_id[case.id]
         if case.error_type:
             assert record["error"]["type"] == case.error_type

@@ -100,6 +100,7 @@ def hostile_manifest(folder: Path, cut_short_url: str) -> dict[str, tuple[object
     }
 
 
+@pytest.mark.engine
 def test_one_bad_value_never_ends_the_batch(vllm, tiny_model, tmp_path, home, cut_short_url):
     cases = hostile_manifest(tmp_path, cut_short_url)
     manifest = tmp_path / "jobs.jsonl"
