@@ -54,9 +54,10 @@ def cores_per_worker() -> int:
 
 
 # CPU settings with no NPU meaning: the CPU engine's KV cache size in GiB, and
-# its torch threads, one worker's share of the cores. Two engines that each
-# run an OpenMP thread per core on the same cores wait on each other's spin:
-# three hearing tests on two workers took 112 s so, 85 s with a share each.
+# the script's torch (and OpenBLAS) threads, one worker's share of the cores.
+# Two engines in their scripts' processes, each with a thread per core on the
+# same cores, wait on each other's spin: three hearing tests on two workers
+# took 112 s so, 85 s with a share each.
 CPU_MACHINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(cores_per_worker())}
 # vLLM's Qwen3-ASR on a CPU test machine: tests/cpu_shims/sitecustomize.py
 # (torchvision's one import where the venv has none, and no pinned memory in
