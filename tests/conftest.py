@@ -106,8 +106,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest tests first: xdist hands tests to its workers in this order
     (after its groups of several tests, the Slurm ones), and a long test handed
     out last keeps one worker busy while the other has nothing left. The speech
-    model's runs are the longest, then every test that starts an engine; the
-    quick ones fill the end."""
+    model's runs hold hundreds of requests each, so they go first, then every
+    test that starts an engine; the quick ones fill the end."""
 
     def rank(item: pytest.Item) -> int:
         if item.path.name == "test_hearing.py":
