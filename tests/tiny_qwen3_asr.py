@@ -271,7 +271,9 @@ def build_tiny_qwen3_asr(directory: Path) -> Path:
     return directory
 
 
-def write_published_configs(directory: Path, tokenizer, text_config: dict) -> tuple[dict, dict]:
+def write_published_configs(
+    directory: Path, tokenizer, text_config: dict, audio_config: dict = AUDIO_CONFIG
+) -> tuple[dict, dict]:
     """config.json (the published layout, thinker_config), generation_config.json
     and preprocessor_config.json; returns the config and generation settings."""
     from transformers import GenerationConfig
@@ -283,7 +285,7 @@ def write_published_configs(directory: Path, tokenizer, text_config: dict) -> tu
         "support_languages": LANGUAGES,
         "thinker_config": {
             "model_type": "qwen3_asr_thinker",
-            "audio_config": AUDIO_CONFIG,
+            "audio_config": audio_config,
             "text_config": text_config,
             "audio_token_id": ids["<|audio_pad|>"],
             "audio_start_token_id": ids["<|audio_start|>"],
