@@ -19,6 +19,7 @@ sys.path.insert(0, str(TESTS))
 
 from helpers import VLLM_PYTHONS, chirp, tone, vllm_python, write_demo_assets  # noqa: E402
 from speech_model import install as install_speech_model  # noqa: E402
+from speech_model_qwen3_asr import install as install_qwen3_asr_speech_model  # noqa: E402
 from tiny_model import build_tiny_qwen2_audio  # noqa: E402
 from tiny_qwen3_asr import build_tiny_qwen3_asr  # noqa: E402
 
@@ -47,6 +48,13 @@ def qwen3_asr_model(tmp_path_factory) -> Path:
 def speech_model(tmp_path_factory) -> Path:
     """The speech-trained tiny checkpoint (built by tests/run.sh first, cached)."""
     return install_speech_model(tmp_path_factory.mktemp("speech-model"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_asr_speech_model(tmp_path_factory) -> Path:
+    """The speech-trained tiny Qwen3-ASR, in its published layout (built by
+    tests/run.sh first, cached)."""
+    return install_qwen3_asr_speech_model(tmp_path_factory.mktemp("qwen3-asr-speech-model"))
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +118,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     test that starts an engine; the quick ones fill the end."""
 
     def rank(item: pytest.Item) -> int:
-        if item.path.name == "test_hearing.py":
+        if item.path.name.startswith("test_hearing"):
             return 0
         return 1 if item.get_closest_marker("engine") else 2
 

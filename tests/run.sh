@@ -127,19 +127,21 @@ if [ "$failed" = 1 ]; then
   exit 1
 fi
 
-# The speech-trained tiny model of the hearing tests: built once per version
-# of its builder (20 to 45 minutes on two cores), cached beside the venvs. A
-# cold build runs beside the image builds, and pytest starts when it is done:
-# beside busy processes its two torch threads spin-wait (a step of 0.35 s
+# The speech-trained tiny models of the hearing tests, Qwen2-Audio then
+# Qwen3-ASR: each built once per version of its builder (about 26 and 18
+# minutes on two cores), cached beside the venvs. Cold builds run beside the
+# image builds, one after the other, and pytest starts when both are done:
+# beside busy processes their two torch threads spin-wait (a step of 0.35 s
 # alone took 1.4-5.8 s beside two; docs/testing.md, Timings). In a session of
-# its own, so that the trap below ends all of it (espeak-ng too); its log is
+# their own, so that the trap below ends all of it (espeak-ng too); the log is
 # this run's own, as another checkout's run may share the cache.
 find "$CACHE" -maxdepth 1 -name 'speech-model.*.log' -mtime +7 -delete # failed runs' logs
 SPEECH_LOG=$(mktemp "$CACHE/speech-model.XXXXXX.log")
-RQA_CACHE="$CACHE" setsid "$MAIN/bin/python" tests/speech_model.py --cached 2> "$SPEECH_LOG" &
+RQA_CACHE="$CACHE" setsid bash -c '"$0" tests/speech_model.py --cached &&
+  "$0" tests/speech_model_qwen3_asr.py --cached' "$MAIN/bin/python" 2> "$SPEECH_LOG" &
 speech_build=$! # its session and process group too, once setsid has run
 trap 'kill -- -"$speech_build" 2> /dev/null || kill "$speech_build" 2> /dev/null || true' EXIT
-echo "speech model: cached, or built meanwhile (log: $SPEECH_LOG)" >&2
+echo "speech models: cached, or built meanwhile (log: $SPEECH_LOG)" >&2
 
 wait "$old_build"
 PLAIN=$(ensure_plain)
@@ -154,7 +156,7 @@ export "${podman_conf?}"
 "$MAIN/bin/hadolint" Dockerfile
 wait "$speech_build" || { tail -n 30 "$SPEECH_LOG" >&2; exit 1; }
 trap - EXIT
-tail -n 1 "$SPEECH_LOG" >&2
+grep 'checkpoint in' "$SPEECH_LOG" >&2 || true
 rm -f "$SPEECH_LOG"
 # Two workers on two cores: engine start-up is mostly single-threaded imports.
 VLLM023_PYTHON="$OLD/bin/python" PLAIN_PYTHON="$PLAIN/bin/python" "$MAIN/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadgroup "$@"

@@ -205,9 +205,9 @@ HF_TO_PUBLISHED = (
 )
 
 
-def build_small_tokenizer(directory: Path):
+def build_small_tokenizer(directory: Path, corpus: list[str] = CORPUS):
     """Qwen2's tokenizer pipeline (its split regex, byte-level BPE, NFC) trained
-    on CORPUS, the control tokens at ids 0-5 and <asr_text> next; saved with
+    on corpus, the control tokens at ids 0-5 and <asr_text> next; saved with
     the audio token names Qwen3ASRProcessor reads from the tokenizer."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -221,7 +221,7 @@ def build_small_tokenizer(directory: Path):
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(corpus * 4, trainer)
     vocab = tokenizer.get_vocab()
     merges = [tuple(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
     fast = Qwen2Tokenizer(
@@ -244,37 +244,11 @@ def build_tiny_qwen3_asr(directory: Path) -> Path:
     """Write config, generation config, tokenizer, feature extractor and random
     weights (fixed seed) into directory, in the published checkpoint's layout."""
     import torch
-    from transformers import GenerationConfig, Qwen3ASRForConditionalGeneration
+    from transformers import Qwen3ASRForConditionalGeneration
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_small_tokenizer(directory)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    config = {
-        "architectures": ["Qwen3ASRForConditionalGeneration"],
-        "model_type": "qwen3_asr",
-        "support_languages": LANGUAGES,
-        "thinker_config": {
-            "model_type": "qwen3_asr_thinker",
-            "audio_config": AUDIO_CONFIG,
-            "text_config": TEXT_CONFIG,
-            "audio_token_id": ids["<|audio_pad|>"],
-            "audio_start_token_id": ids["<|audio_start|>"],
-            "audio_end_token_id": ids["<|audio_end|>"],
-            "user_token_id": tokenizer.convert_tokens_to_ids("user"),
-            "initializer_range": 0.02,
-            "dtype": "float32",
-        },
-        "dtype": "float32",
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    GenerationConfig(**generation).save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(
-        json.dumps(FEATURE_EXTRACTOR, indent=2) + "\n"
-    )
+    config, generation = write_published_configs(directory, tokenizer, TEXT_CONFIG)
 
     torch.manual_seed(SEED)
     model = Qwen3ASRForConditionalGeneration(hf_config(config, generation)).eval()
@@ -295,6 +269,43 @@ def build_tiny_qwen3_asr(directory: Path) -> Path:
         model.lm_head.weight[tokenizer.convert_tokens_to_ids(ASR_TEXT)] = 0.0
     save_published_weights(model.state_dict(), directory)
     return directory
+
+
+def write_published_configs(
+    directory: Path, tokenizer, text_config: dict, audio_config: dict = AUDIO_CONFIG
+) -> tuple[dict, dict]:
+    """config.json (the published layout, thinker_config), generation_config.json
+    and preprocessor_config.json; returns the config and generation settings."""
+    from transformers import GenerationConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    config = {
+        "architectures": ["Qwen3ASRForConditionalGeneration"],
+        "model_type": "qwen3_asr",
+        "support_languages": LANGUAGES,
+        "thinker_config": {
+            "model_type": "qwen3_asr_thinker",
+            "audio_config": audio_config,
+            "text_config": text_config,
+            "audio_token_id": ids["<|audio_pad|>"],
+            "audio_start_token_id": ids["<|audio_start|>"],
+            "audio_end_token_id": ids["<|audio_end|>"],
+            "user_token_id": tokenizer.convert_tokens_to_ids("user"),
+            "initializer_range": 0.02,
+            "dtype": "float32",
+        },
+        "dtype": "float32",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    GenerationConfig(**generation).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(FEATURE_EXTRACTOR, indent=2) + "\n"
+    )
+    return config, generation
 
 
 def hf_config(config: dict, generation: dict):
