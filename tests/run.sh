@@ -137,8 +137,8 @@ fi
 # this run's own, as another checkout's run may share the cache.
 find "$CACHE" -maxdepth 1 -name 'speech-model.*.log' -mtime +7 -delete # failed runs' logs
 SPEECH_LOG=$(mktemp "$CACHE/speech-model.XXXXXX.log")
-RQA_CACHE="$CACHE" setsid bash -c '"$0" tests/speech_model.py --cached &&
-  "$0" tests/speech_model_qwen3_asr.py --cached' "$MAIN/bin/python" 2> "$SPEECH_LOG" &
+RQA_CACHE="$CACHE" setsid bash -c 'for builder in tests/speech_model.py tests/speech_model_qwen3_asr.py; do
+  "$0" "$builder" --cached || { echo "$builder failed" >&2; exit 1; }; done' "$MAIN/bin/python" 2> "$SPEECH_LOG" &
 speech_build=$! # its session and process group too, once setsid has run
 trap 'kill -- -"$speech_build" 2> /dev/null || kill "$speech_build" 2> /dev/null || true' EXIT
 echo "speech models: cached, or built meanwhile (log: $SPEECH_LOG)" >&2

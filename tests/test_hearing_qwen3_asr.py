@@ -27,7 +27,9 @@ from helpers import (
     read_jsonl,
     run_cli,
     tracebacks_of_ours,
+    vllm_python,
 )
+from tiny_qwen3_asr import LANGUAGE_PREFIX
 from transformers import AutoTokenizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -40,11 +42,16 @@ WAV_WER = 0.05
 FORMAT_POINTS = 0.02
 LOSSY = ("mp3", "ogg")
 # The long recording split as test_hearing.py splits it for Qwen2-Audio: at
-# most 5 s a segment (one or two utterances; the most cuts), the whole answer
-# within 3 points of the same utterances one by one. The profile's own 30 s
-# segments are longer than any clip the tiny model was trained on (11 s).
+# most 5 s a segment (one or two utterances; the most cuts). The profile's own
+# 30 s segments are longer than any clip the tiny model was trained on (three
+# sentences). A segment between two pauses is a clip like any other: at most
+# 5%, as WAV. Where a cut falls inside an utterance (5 of the 44 here: no
+# pause in the 1.7 s the splitter searches) this model loses or guesses the
+# word cut in two, in every such segment on the build the bounds were read on
+# (docs/testing.md, Qwen3-ASR hears too), so the whole answer is held within
+# 5 points of the utterances one by one, not test_hearing.py's 3.
 SPLIT_SECONDS = 5
-SPLIT_POINTS = 0.03
+SPLIT_POINTS = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +72,15 @@ def speech(qwen3_asr_speech_model, tmp_path_factory):
     talk = hearing.recording(parts, seed=2027)
     hearing.write_wav(folder / "talk.wav", talk.samples)
     return folder, heldout, parts, talk
+
+
+def cut_inside_an_utterance(recording: hearing.Recording, segment: dict) -> bool:
+    """Whether the segment starts or ends inside an utterance (20 ms in)."""
+    return any(
+        span.start + 0.02 < at < span.end - 0.02
+        for at in (segment["start"], segment["end"])
+        for span in recording.spans
+    )
 
 
 def manifest_lines(folder, heldout, parts, talk) -> list[dict]:
@@ -120,9 +136,11 @@ def test_qwen3_asr_hears_every_format_a_forced_language_and_a_split_recording(
     tag = AutoTokenizer.from_pretrained(qwen3_asr_speech_model).convert_tokens_to_ids(
         tool.QWEN3_ASR_TEXT_TAG
     )
+    # The prompts it was trained on, as its card keeps them: the tool's.
+    trained = json.loads((qwen3_asr_speech_model / "card.json").read_text())["prompt"]
     for name, record in records.items():
         forced = "English" if name.startswith("forced/") else None
-        assert record["prompt"] == tool.QWEN3_ASR.prompt("", 1, None, forced)
+        assert record["prompt"] == trained + (LANGUAGE_PREFIX if forced else "")
         answers = [
             s["token_ids"][0] for s in record.get("segments", [record]) if not s.get("silent")
         ]
@@ -159,7 +177,17 @@ def test_qwen3_asr_hears_every_format_a_forced_language_and_a_split_recording(
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:], strict=False))
     spoken = [s for s in segments if not s.get("silent")]
     assert all(s["answer_language"] == "English" for s in spoken), segments
-    # A word lost or doubled at every fourth of the ~45 cuts would break it.
+    # Between two pauses, each segment says its own utterances' words: an
+    # answer head left in (two words a segment), another segment's answer or
+    # words out of order would fail it.
+    between = [s for s in segments if not cut_inside_an_utterance(talk, s)]
+    assert len(between) >= len(segments) / 2, "the splitter missed the pauses"
+    clean = hearing.word_error_rate(
+        [" ".join(hearing.words_between(talk.spans, s["start"], s["end"])) for s in between],
+        [s["answers"][0] for s in between],
+    )
+    print(f"{len(between)} segments between pauses: {clean:.1%}")
+    assert clean <= WAV_WER
     assert one_by_one <= WAV_WER
     assert whole <= one_by_one + SPLIT_POINTS
 
@@ -173,3 +201,43 @@ def test_qwen3_asr_hears_every_format_a_forced_language_and_a_split_recording(
     score = json.loads(report.read_text())["scores"]["en"]
     assert score["scored"] == len(scored)
     assert score["wer"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_every_completion_of_n_is_parsed_into_its_words_and_its_language(
+    qwen3_asr_speech_model, speech, tmp_path, home
+):
+    """--n 2 samples two answers a request: the head comes off each one, each
+    says its language (answer_languages), and a split recording joins
+    completion i of every segment into its answer i. What the language
+    parsing does with several completions is the tool's, so vLLM 0.32 alone."""
+    folder, heldout, _, talk = speech
+    clips = heldout[:8]
+    lines = [{"id": u.id, "audio": str(folder / f"{u.id}.wav"), "reference": u.text} for u in clips]
+    lines.append({"id": "talk", "audio": str(folder / "talk.wav")})
+    out = tmp_path / "out.jsonl"
+    result = run_cli(
+        "--model", qwen3_asr_speech_model,
+        "--manifest", hearing.write_manifest(tmp_path / "jobs.jsonl", lines),
+        "--output", out, "--n", 2, "--temperature", 0.3,
+        "--segment-seconds", SPLIT_SECONDS, "--max-tokens", 64, "--no-progress",
+        *CPU_ENGINE_FLAGS,
+        home=home,
+        env={**IN_PROCESS_ENGINE, **QWEN3_ASR_CPU_ENV, "HF_HUB_OFFLINE": "1"},
+        python=vllm_python("vllm-0.32"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert len(records) == len(lines)
+    for record in records.values():
+        assert len(record["answers"]) == 2 and record["answer"] == record["answers"][0]
+        assert record["answer_languages"] == ["English", "English"], record
+        words = " ".join(record["answers"]).split()
+        assert not [w for w in words if "asr_text" in w or w == "language"], record
+    segments = [s for s in records["talk"]["segments"] if not s.get("silent")]
+    assert all(s["answer_languages"] == ["English", "English"] for s in segments), segments
+    for i in range(2):
+        joined = " ".join(a for s in segments if (a := s["answers"][i].strip()))
+        assert records["talk"]["answers"][i] == joined
+        # Each completion says words of its own (sampled, not bounded: at 0.3
+        # the model is near its greedy answer, which the test above bounds).
+        assert all(records[u.id]["answers"][i].split() for u in clips)

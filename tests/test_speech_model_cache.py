@@ -132,3 +132,17 @@ def test_install_gives_up_with_a_message_when_the_build_keeps_vanishing(
     with pytest.raises(RuntimeError, match="removed three times"):
         module.install(tmp_path / "copy")
     assert len(builds) == 3
+
+
+def test_a_removal_killed_halfway_leaves_a_build_no_one_takes_for_complete(cache, monkeypatch):
+    build = other_version(cache, speech_model_qwen3_asr.NAME)
+    (build / "model.safetensors").write_bytes(b"weights")
+
+    def killed(path, ignore_errors=False):  # rmtree's first file, then the kill
+        (path / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_cache.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache.remove(build)
+    assert not build_cache.is_complete(build, "000000000000")
