@@ -118,6 +118,11 @@ def recording(parts: list[Utterance], seed: int, lead: float = 0.6) -> Recording
     return Recording(np.concatenate(pieces), spans)
 
 
+def inside_an_utterance(recording: Recording, at: float) -> bool:
+    """Whether a cut at this time falls inside an utterance (20 ms in)."""
+    return any(span.start + 0.02 < at < span.end - 0.02 for span in recording.spans)
+
+
 def words_between(spans: list[Span], start: float, end: float) -> list[str]:
     """The words of the utterances whose middle lies in [start, end)."""
     return [

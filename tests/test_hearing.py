@@ -403,7 +403,7 @@ def cuts_in_an_utterance_beside_a_pause(
         low = high - min(tool.SPLIT_SEARCH_SECONDS, limit / 3)
         if not any(min(b, high) - max(a, low) >= 0.2 for a, b in gaps):
             out_of_reach += 1
-        elif any(s.start + 0.02 < cut < s.end - 0.02 for s in recording.spans):
+        elif hearing.inside_an_utterance(recording, cut):
             broken.append(cut)
     return broken, out_of_reach
 
