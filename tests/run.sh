@@ -127,23 +127,18 @@ if [ "$failed" = 1 ]; then
   exit 1
 fi
 
-# The speech-trained tiny models of the hearing tests, Qwen2-Audio and
+# The speech-trained tiny models of the hearing tests, Qwen2-Audio then
 # Qwen3-ASR: each built once per version of its builder (about 26 and 18
-# minutes alone on two cores), cached beside the venvs. Cold builds run side by
-# side, beside the image builds, and pytest starts when both are done. Each
-# builder's two torch threads would spin-wait for a core the other holds (a
-# step of 0.35 s alone took 1.4-5.8 s beside busy torch processes):
-# GOMP_SPINCOUNT=3000 has a waiting thread give its core up after a short
-# spin: side by side a step costs what one thread's would, alone about a
-# tenth more, and no result changes (the same losses, bit for bit; measured,
-# docs/testing.md, Timings). In a session of their own, so
-# that the trap below ends all of it (espeak-ng too); the log is this run's
-# own, as another checkout's run may share the cache.
+# minutes on two cores), cached beside the venvs. Cold builds run beside the
+# image builds, one after the other, and pytest starts when both are done:
+# beside busy processes their two torch threads spin-wait (a step of 0.35 s
+# alone took 1.4-5.8 s beside two; docs/testing.md, Timings). In a session of
+# their own, so that the trap below ends all of it (espeak-ng too); the log is
+# this run's own, as another checkout's run may share the cache.
 find "$CACHE" -maxdepth 1 -name 'speech-model.*.log' -mtime +7 -delete # failed runs' logs
 SPEECH_LOG=$(mktemp "$CACHE/speech-model.XXXXXX.log")
-RQA_CACHE="$CACHE" GOMP_SPINCOUNT=3000 setsid bash -c 'for builder in tests/speech_model.py tests/speech_model_qwen3_asr.py; do
-  { "$0" "$builder" --cached || { echo "$builder failed" >&2; exit 1; }; } & done
-  for _ in 1 2; do wait -n || exit 1; done' "$MAIN/bin/python" 2> "$SPEECH_LOG" &
+RQA_CACHE="$CACHE" setsid bash -c 'for builder in tests/speech_model.py tests/speech_model_qwen3_asr.py; do
+  "$0" "$builder" --cached || { echo "$builder failed" >&2; exit 1; }; done' "$MAIN/bin/python" 2> "$SPEECH_LOG" &
 speech_build=$! # its session and process group too, once setsid has run
 trap 'kill -- -"$speech_build" 2> /dev/null || kill "$speech_build" 2> /dev/null || true' EXIT
 echo "speech models: cached, or built meanwhile (log: $SPEECH_LOG)" >&2
