@@ -14,7 +14,31 @@ from helpers import one_error_line, run_cli, write_demo_assets
 
 def test_missing_file(tiny_model, home):
     result = run_cli("--model", tiny_model, "--audio", "/no/such/clip.wav", home=home)
-    assert one_error_line(result) == "error: audio /no/such/clip.wav: no such file; check the path"
+    error = one_error_line(result)
+    assert error == "error: audio /no/such/clip.wav: no such file; check the path"
+    assert result.stderr == error + "\n", "found before vLLM (which logs) is imported"
+
+
+def test_unreadable_clips_of_one_prompt_are_found_before_vllm(tiny_model, clips, home, tmp_path):
+    (tmp_path / "empty.wav").touch()
+    for audio, says in [
+        (["take.wav"], f"audio {tmp_path}/take.wav: no such file"),  # relative to the cwd
+        ([clips["a.wav"], "empty.wav"], f"audio {tmp_path}/empty.wav: empty file (0 bytes)"),
+        ([str(tmp_path)], f"audio {tmp_path}: is a directory; pass files, or use --audio-dir"),
+    ]:
+        result = run_cli("--model", tiny_model, "--audio", *audio, home=home, cwd=tmp_path)
+        error = one_error_line(result)
+        assert error.startswith(f"error: {says}"), error
+        assert result.stderr == error + "\n", "found before vLLM (which logs) is imported"
+
+
+def test_a_dry_run_still_shows_its_plan_before_a_missing_clip(tiny_model, home):
+    result = run_cli("--model", tiny_model, "--audio", "/no/such/clip.wav", "--dry-run", home=home)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert '"max_model_len": 4096' in result.stdout
+    assert result.stderr.splitlines()[-1] == (
+        "error: audio /no/such/clip.wav: no such file; check the path"
+    )
 
 
 def test_more_clips_than_the_limit(tiny_model, clips, home):
