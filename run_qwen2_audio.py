@@ -148,22 +148,37 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     return known
 
 
+# Flags that change what a single prompt's missing clip leads to (another
+# source, a dry run's plan, help, a shard without the request, a count to
+# match); with any of them, or a shortening of one, the full parser goes first.
+FLAGS_BEFORE_CLIPS = (
+    "--manifest",
+    "--audio-dir",
+    "--audio-count",
+    "--dry-run",
+    "--help",
+    "--config",
+    "--shard",
+)
+
+
 def check_audio_files_early(argv: Sequence[str]) -> None:
     """A single prompt's --audio file that cannot be opened, said in a second
     instead of after vLLM's import (7-11 s on CPU); the same checks and words
-    as when the clip is loaded. Plain `--audio` alone only: with another
-    source, or its flags spelt otherwise, the full parser decides first."""
+    as when the clip is loaded. Only where the result cannot differ: none of
+    FLAGS_BEFORE_CLIPS in argv, spelt as vLLM's parser reads flags (`_` for
+    `-`, any unambiguous shortening)."""
+    given = {arg.split("=")[0].replace("_", "-") for arg in argv if arg.startswith("-")}
+    given.discard("--audio")
+    if "-h" in given or any(flag.startswith(g) for g in given for flag in FLAGS_BEFORE_CLIPS):
+        return
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     early.add_argument("--audio", nargs="+")
-    early.add_argument("--manifest")
-    early.add_argument("--audio-dir")
     try:
-        known = early.parse_known_args(argv)[0]
+        audio = early.parse_known_args(argv)[0].audio
     except argparse.ArgumentError:  # `--audio` with no value: the full parser says it
         return
-    if not known.audio or known.manifest or known.audio_dir:
-        return
-    for source in known.audio:
+    for source in audio or []:
         resolved = resolve_source(source, Path.cwd(), "--audio")
         if not is_url(resolved):
             check_local_file(resolved)
@@ -4256,8 +4271,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("vllm") is None:  # said now, not after the model checks
             raise ExplainedError(f"cannot import vllm (No module named 'vllm'); {ENGINE_FIX}")
         model = ModelSource(early.model) if early.help else find_model(early.model, early.dry_run)
-        if not (early.help or early.dry_run):  # a dry run reports a missing clip as a record
-            check_audio_files_early(argv)
+        check_audio_files_early(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
         code = run(args, model, engine_flags(args, parser))

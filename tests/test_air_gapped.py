@@ -15,7 +15,8 @@ firewall that drops traffic, and counts them: where offline is declared no
 cell connects at all (so none can wait on the network); where it is not, the
 hub probe gives up after a few seconds. The demo clips are looked up after
 the model and independently of it, so their absence is crossed with the
-local directory only.
+local directory only; cells that are another cell's run byte for byte are
+left out (same_run_as_a_kept_cell).
 """
 
 from __future__ import annotations
@@ -55,16 +56,6 @@ HUB = {"modelscope": "True", "hf": "False"}
 MODELS = ("local-dir", "cached-hub-id", "uncached-hub-id")
 ASSETS = ("assets-cached", "assets-missing")
 
-CELLS = [
-    cell
-    for cell in itertools.product(VLLM_PYTHONS, ("online", "HF_HUB_OFFLINE"), HUB, MODELS, ASSETS)
-    if not (cell[3] == "cached-hub-id" and cell[4] == "assets-missing")
-]
-# TRANSFORMERS_OFFLINE means the same to the hub library; checked where it decides.
-CELLS += list(
-    itertools.product(VLLM_PYTHONS, ("TRANSFORMERS_OFFLINE",), HUB, ("uncached-hub-id",), ASSETS)
-)
-
 # An uncached model with nothing declared: the probe's few seconds plus
 # start-up, never the minutes of retries the hub libraries would spend.
 PROBE_SLACK_SECONDS = 30
@@ -78,6 +69,32 @@ def has_modelscope(python: str) -> bool:
         probe = "import importlib.util as u, sys; sys.exit(u.find_spec('modelscope') is None)"
         _HAS_MODELSCOPE[python] = subprocess.run([python, "-c", probe]).returncode == 0
     return _HAS_MODELSCOPE[python]
+
+
+def same_run_as_a_kept_cell(version: str, offline: str, hub: str, model: str, assets: str) -> bool:
+    """Cells left out, each the same run as one that is kept: the demo clips
+    are looked up only once the model is found (so missing ones are crossed
+    with the local directory only), and where the interpreter has no
+    modelscope package the script turns VLLM_USE_MODELSCOPE=True off for a
+    local directory before anything reads it: the hf cell's run, byte for byte."""
+    if assets == "assets-missing" and model != "local-dir":
+        return True
+    python = VLLM_PYTHONS[version]
+    no_modelscope = bool(python) and not has_modelscope(python)
+    return hub == "modelscope" and model == "local-dir" and no_modelscope
+
+
+CELLS = [
+    cell
+    for cell in itertools.product(VLLM_PYTHONS, ("online", "HF_HUB_OFFLINE"), HUB, MODELS, ASSETS)
+    if not same_run_as_a_kept_cell(*cell)
+]
+# TRANSFORMERS_OFFLINE means the same to the hub library; checked where it decides.
+CELLS += list(
+    itertools.product(
+        VLLM_PYTHONS, ("TRANSFORMERS_OFFLINE",), HUB, ("uncached-hub-id",), ("assets-cached",)
+    )
+)
 
 
 def expected(python: str, hub: str, model: str, assets: str) -> str:

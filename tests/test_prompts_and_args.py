@@ -243,3 +243,29 @@ def test_library_options_default_to_the_clis():
 )
 def test_requests_in_flight_follow_what_the_engine_runs_at_once(argv, chunk):
     assert tool.options_from_args(tool.build_parser().parse_args(argv)).chunk_size == chunk
+
+
+@pytest.mark.parametrize(
+    "argv, checked_early",
+    [
+        (["--audio", "/no/such.wav"], True),
+        (["--audio=/no/such.wav", "--temperature=-0.5"], True),
+        (["--audio", "/etc/hostname", "/no/such.wav"], True),
+        # The result can differ: the full parser goes first.
+        (["--audio", "/no/such.wav", "--dry_run"], False),  # the plan is shown
+        (["--audio", "/no/such.wav", "--dry"], False),  # vLLM's parser takes shortenings
+        (["--audio", "/no/such.wav", "--hel"], False),  # help, exit 0
+        (["--audio", "/no/such.wav", "--shard", "0/2"], False),  # not this shard's request
+        (["--audio", "/no/such.wav", "--audio_dir", "calls"], False),  # two sources
+        (["--audio", "/no/such.wav", "--manif", "jobs.jsonl"], False),
+        (["--audio", "/no/such.wav", "--config", "run.yaml"], False),  # it may name a source
+        (["--audio", "/no/such.wav", "--audio-count", "1"], False),
+        (["--audio", "--", "/no/such.wav"], False),
+    ],
+)
+def test_a_missing_clip_is_said_before_vllm_only_where_the_result_is_the_same(argv, checked_early):
+    if checked_early:
+        with pytest.raises(tool.ExplainedError, match="^audio /no/such.wav: no such file"):
+            tool.check_audio_files_early(argv)
+    else:
+        tool.check_audio_files_early(argv)
