@@ -140,12 +140,21 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
     early.add_argument("--config")
+    argv = [as_vllm_reads(arg) for arg in argv]
     known = early.parse_known_args(argv)[0]
     if known.config:
         # vLLM's parser reads a --config file's keys as flags placed before
         # the command line's (which win); the model in it must count now too.
         known = early.parse_known_args([*config_file_flags(known.config), *argv])[0]
     return known
+
+
+def as_vllm_reads(arg: str) -> str:
+    """`--flag_name[=value]` as vLLM's parser reads it: `--flag-name[=value]`."""
+    if not arg.startswith("--"):
+        return arg
+    name, equals, value = arg.partition("=")
+    return name.replace("_", "-") + equals + value
 
 
 # Flags that change what a single prompt's missing clip leads to (another
@@ -166,11 +175,13 @@ def check_audio_files_early(argv: Sequence[str]) -> None:
     """A single prompt's --audio file that cannot be opened, said in a second
     instead of after vLLM's import (7-11 s on CPU); the same checks and words
     as when the clip is loaded. Only where the result cannot differ: none of
-    FLAGS_BEFORE_CLIPS in argv, spelt as vLLM's parser reads flags (`_` for
-    `-`, any unambiguous shortening)."""
-    given = {arg.split("=")[0].replace("_", "-") for arg in argv if arg.startswith("-")}
+    FLAGS_BEFORE_CLIPS or -h in argv, spelt as vLLM's parser reads flags (`_`
+    for `-`, any unambiguous shortening). Another mistake in the same command
+    (a misspelt flag, a second clip that does not decode) is said after it."""
+    given = {as_vllm_reads(arg).partition("=")[0] for arg in argv if arg.startswith("-")}
     given.discard("--audio")
-    if "-h" in given or any(flag.startswith(g) for g in given for flag in FLAGS_BEFORE_CLIPS):
+    shortened = any(flag.startswith(g) for g in given for flag in FLAGS_BEFORE_CLIPS)
+    if shortened or any(g.startswith("-h") for g in given):  # -h, -hh: help
         return
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     early.add_argument("--audio", nargs="+")

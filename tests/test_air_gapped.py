@@ -15,8 +15,8 @@ firewall that drops traffic, and counts them: where offline is declared no
 cell connects at all (so none can wait on the network); where it is not, the
 hub probe gives up after a few seconds. The demo clips are looked up after
 the model and independently of it, so their absence is crossed with the
-local directory only; cells that are another cell's run byte for byte are
-left out (same_run_as_a_kept_cell).
+local directory only; cells that would decide nothing another cell does not
+are left out (same_run_as_a_kept_cell).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import (
@@ -72,15 +73,17 @@ def has_modelscope(python: str) -> bool:
 
 
 def same_run_as_a_kept_cell(version: str, offline: str, hub: str, model: str, assets: str) -> bool:
-    """Cells left out, each the same run as one that is kept: the demo clips
-    are looked up only once the model is found (so missing ones are crossed
-    with the local directory only), and where the interpreter has no
-    modelscope package the script turns VLLM_USE_MODELSCOPE=True off for a
-    local directory before anything reads it: the hf cell's run, byte for byte."""
+    """Cells left out, each deciding nothing a kept cell does not: the demo
+    clips are looked up only once the model is found, and then by the offline
+    setting and their own cache alone (so missing ones are crossed with the
+    local directory only); and where the interpreter has no modelscope
+    package the script turns VLLM_USE_MODELSCOPE=True off for a local
+    directory before anything reads it: the hf cell's run, byte for byte."""
     if assets == "assets-missing" and model != "local-dir":
         return True
     python = VLLM_PYTHONS[version]
-    no_modelscope = bool(python) and not has_modelscope(python)
+    # A wrong interpreter path keeps its cells: they fail saying so (vllm_python).
+    no_modelscope = Path(python).is_file() and not has_modelscope(python)
     return hub == "modelscope" and model == "local-dir" and no_modelscope
 
 
