@@ -140,7 +140,8 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
     early.add_argument("--config")
-    argv = [as_vllm_reads(arg) for arg in argv]
+    # As vLLM reads them: `--dry_run` is --dry-run, `--help=all` is --help.
+    argv = ["--help" if arg.startswith("--help=") else as_vllm_reads(arg) for arg in argv]
     known = early.parse_known_args(argv)[0]
     if known.config:
         # vLLM's parser reads a --config file's keys as flags placed before

@@ -22,6 +22,7 @@ are left out (same_run_as_a_kept_cell).
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import subprocess
 import threading
@@ -82,8 +83,9 @@ def same_run_as_a_kept_cell(version: str, offline: str, hub: str, model: str, as
     if assets == "assets-missing" and model != "local-dir":
         return True
     python = VLLM_PYTHONS[version]
-    # A wrong interpreter path keeps its cells: they fail saying so (vllm_python).
-    no_modelscope = Path(python).is_file() and not has_modelscope(python)
+    # An interpreter that cannot run keeps its cells: they fail when run.
+    runnable = Path(python).is_file() and os.access(python, os.X_OK)
+    no_modelscope = runnable and not has_modelscope(python)
     return hub == "modelscope" and model == "local-dir" and no_modelscope
 
 

@@ -178,9 +178,10 @@ def test_dry_run_warns_when_the_7b_model_cannot_start(clips, home):
     assert "16.0 GiB x gpu_memory_utilization 0.8 = 12.80 GiB usable" in result.stdout
     assert "WILL NOT START" in result.stdout
     assert "warning: vLLM will refuse to start" in result.stderr
-    # Spelt as vLLM's parser also takes it: the model not here is planned around too.
-    result = run_cli("--dry_run", *argv[1:-1], "64", home=home)
+    # Spelt as vLLM's parser also takes it, offline: the model not here is planned around too.
+    result = run_cli("--dry_run", *argv[1:-1], "64", home=home, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: --model {tool.DEFAULT_MODEL}: not in the local" in result.stderr
     assert "fits, vLLM will start" in result.stdout
     # a 3 s clip: 75 audio tokens + the text, + 64 max tokens, well under 4096
     assert "such sequences fit at once; --max-num-seqs 5 runs at most 5" in result.stdout
@@ -272,3 +273,12 @@ def test_a_missing_clip_is_said_before_vllm_only_where_the_result_is_the_same(ar
             tool.check_audio_files_early(argv)
     else:
         tool.check_audio_files_early(argv)
+
+
+def test_help_on_one_group_of_flags_as_vllm_offers_it(home):
+    """vLLM's parser shows one group's flags with --help=GROUP (its plain --help
+    lists the groups); the script's own first reading of argv lets it through."""
+    result = run_cli("--help=inputs", home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--audio PATH_OR_URL" in result.stdout and "--manifest" in result.stdout
+    assert "error:" not in result.stderr
