@@ -133,21 +133,45 @@ def uses_modelscope(env: Mapping[str, str] | None = None) -> bool:
 def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     """What must be known before vLLM (and so the full parser) is imported:
     the model decides the hub setting, and a missing model is reported in a
-    second rather than after vLLM's import."""
-    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    second rather than after vLLM's import. As vLLM's parser reads them:
+    the on/off flags also shortened (`--dry` is --dry-run); --model only in
+    full (every shortening of it is ambiguous there: --model-impl, ...), and
+    --config only as that exact word (config_file_flags)."""
+    # As vLLM reads them: `--dry_run` is --dry-run, `--help=all` is --help.
+    argv = ["--help" if arg.startswith("--help=") else as_vllm_reads(arg) for arg in argv]
+    for name in (arg.partition("=")[0] for arg in argv):
+        if len(name) > 2 and "--model".startswith(name) and name != "--model":
+            raise ExplainedError(
+                f"{name}: write --model in full (vLLM's flags --model-impl and others "
+                "start the same way)"
+            )
+    early = EarlyParser(add_help=False)
     early.add_argument("--model", default=DEFAULT_MODEL)
     early.add_argument("--dry-run", action="store_true")
     early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
-    early.add_argument("--config")
-    # As vLLM reads them: `--dry_run` is --dry-run, `--help=all` is --help.
-    argv = ["--help" if arg.startswith("--help=") else as_vllm_reads(arg) for arg in argv]
-    known = early.parse_known_args(argv)[0]
-    if known.config:
-        # vLLM's parser reads a --config file's keys as flags placed before
-        # the command line's (which win); the model in it must count now too.
-        known = early.parse_known_args([*config_file_flags(known.config), *argv])[0]
-    return known
+    # vLLM's parser reads a --config file's keys as flags placed before the
+    # command line's (which win); the model in it must count now too.
+    return early.parse_known_args([*config_file_flags(argv), *argv])[0]
+
+
+class EarlyParser(argparse.ArgumentParser):
+    """A mistake found in the first reading (a flag without its value, an
+    ambiguous `--d`) is one line, not that partial parser's usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ExplainedError(f"{message}; see --help")
+
+
+def split_config_value(argv: Sequence[str]) -> list[str]:
+    """`--config=FILE` as `--config FILE`: vLLM's parser reads a config file
+    only in that form, and would take `--config=FILE` for a shortening of
+    --config-format. The shell leaves a "~" after "=" as it is."""
+    split: list[str] = []
+    for arg in argv:
+        name, equals, value = as_vllm_reads(arg).partition("=")
+        split += [name, os.path.expanduser(value)] if name == "--config" and equals else [arg]
+    return split
 
 
 def as_vllm_reads(arg: str) -> str:
@@ -218,23 +242,55 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
-def config_file_flags(path: str) -> list[str]:
-    """A --config YAML file's scalar keys as flags, as vLLM's parser reads
-    them (lists and mappings are not read here: no early flag takes one)."""
+def config_file_flags(argv: Sequence[str]) -> list[str]:
+    """The flags of the --config YAML file in argv, read as vLLM's parser
+    reads them: only the exact word --config counts, and a mapping's scalar
+    keys become flags (lists and mappings are left out: no early flag takes
+    one). What that parser would stop on with a traceback is said here, in
+    one line, before vLLM is imported."""
+    places = [index for index, arg in enumerate(argv) if arg == "--config"]
+    paths = [argv[index + 1] if index + 1 < len(argv) else "" for index in places]
+    if not paths:
+        return []
+    if len(paths) > 1:
+        raise ExplainedError(
+            f"--config is given {len(paths)} times ({', '.join(paths)}); vLLM reads one "
+            "file: put the flags in one YAML file, or give the others on the command line"
+        )
+    path = paths[0]
+    if not path:
+        raise ExplainedError("--config needs a YAML file of flags after it: --config run.yaml")
+    if path.split(".")[-1] not in ("yaml", "yml"):  # vLLM's own test of the name
+        raise ExplainedError(
+            f"--config {path}: vLLM reads only YAML files; give a file named *.yaml or *.yml"
+        )
     try:
         import yaml  # PyYAML: a dependency of vLLM
     except ImportError:
         return []  # no vLLM either: that is what the run reports
     try:
-        with open(os.path.expanduser(path)) as file:
+        with open(path) as file:  # as vLLM opens it: no "~" expanded
             config = yaml.safe_load(file)
     except (OSError, yaml.YAMLError) as exc:
         raise ExplainedError(
             f"--config {path}: cannot read it ({summary_of(exc)}); give a YAML file of flags"
         )
+    if not isinstance(config, dict):
+        raise ExplainedError(
+            f"--config {path}: holds no flags (a YAML mapping such as `max-model-len: 4096` "
+            "is what vLLM reads); give one flag a line"
+        )
     flags: list[str] = []
-    for key, value in (config if isinstance(config, dict) else {}).items():
-        flag = "--" + str(key).replace("_", "-")
+    for key, value in config.items():
+        if not isinstance(key, str):  # YAML reads `on:`, `1:` or `null:` as no name
+            raise ExplainedError(
+                f"--config {path}: {key!r} is not a flag name; write names such as max-model-len"
+            )
+        if value is None:  # vLLM would pass the word "None" on
+            raise ExplainedError(
+                f"--config {path}: {key} has no value; give it one, or remove the line"
+            )
+        flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -4272,7 +4328,7 @@ def main(argv: list[str] | None = None) -> int:
     # moment ends with whole lines in the output and a resume hint.
     STOP_SIGNALS.install()
     quiet_resource_tracker()
-    argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
+    argv = split_config_value(attach_negative_values(sys.argv[1:] if argv is None else argv))
     early = argparse.Namespace(debug="--debug" in argv)  # until early_arguments has read it
     args = None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -33,29 +34,32 @@ import run_qwen2_audio as tool
 
 
 def test_a_model_and_engine_flags_in_a_config_file_count_and_the_command_line_wins(
-    tiny_model, clips, home, tmp_path, vllm
+    tiny_model, clips, home, vllm
 ):
     """vLLM's --config YAML: its model is the one checked and loaded (not the
     default hub id), its engine flags reach LLM(...), and a flag on the
     command line wins over the file; --no-enable-prefix-caching is kept
     although vLLM's default (None) is falsy too."""
-    config = tmp_path / "run.yaml"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "run.yaml"
     config.write_text(f"model: {tiny_model}\nmax-num-seqs: 3\nmax_model_len: 2048\n")
     result = run_cli(
-        "--config",
-        config,
+        "--config=~/run.yaml",  # read as `--config $HOME/run.yaml`, as vLLM reads only that
         "--dry-run",
         "--audio",
         clips["a.wav"],
         "--max-model-len",
         "1024",
         "--no-enable-prefix-caching",
+        "--conf",  # --config-format shortened, not a second --config
+        "hf",
         home=home,
         python=vllm,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     engine = engine_arguments(result.stdout)
     assert engine["model"] == str(tiny_model)
+    assert engine["config_format"] == "hf"
     assert engine["max_num_seqs"] == 3
     assert engine["max_model_len"] == 1024
     assert engine["enable_prefix_caching"] is False
@@ -110,9 +114,47 @@ def test_max_model_len_auto_is_the_models_own_limit(tiny_model, clips, home):
     assert "of max_model_len 4096;" in result.stdout  # the tiny model's 4096 positions
 
 
-def test_an_unreadable_config_file_is_named(home):
-    result = run_cli("--config", "no-such.yaml", "--dry-run", home=home)
-    assert one_error_line(result).startswith("error: --config no-such.yaml: cannot read it (")
+def test_a_config_file_vllm_would_stop_on_is_one_line_before_vllm_is_loaded(home, tmp_path):
+    """vLLM's parser ends these with a traceback (an assert, a ValueError, an
+    AttributeError on an empty file, a TypeError on a key that is no name)
+    or passes "None" on; here each is one line naming the file and the fix,
+    said before vLLM is imported (which logs)."""
+    (tmp_path / "run.json").write_text('{"max-num-seqs": 3}')
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- max-num-seqs\n- 3\n")
+    (tmp_path / "run.yaml").write_text("max-num-seqs: 3\n")
+    (tmp_path / "on.yaml").write_text("on: true\n")  # YAML 1.1: the key is True
+    (tmp_path / "none.yaml").write_text("model:\n")
+    cases = [
+        (["--config", "no-such.yaml"], "--config no-such.yaml: cannot read it ("),
+        (["--config", "run.json"], "--config run.json: vLLM reads only YAML files; give a file"),
+        (["--config", "empty.yaml"], "--config empty.yaml: holds no flags (a YAML mapping"),
+        (["--config", "list.yaml"], "--config list.yaml: holds no flags (a YAML mapping"),
+        (["--config", "on.yaml"], "--config on.yaml: True is not a flag name; write names"),
+        (["--config", "none.yaml"], "--config none.yaml: model has no value; give it one"),
+        (["--config", "run.yaml", "--config=run.yaml"], "--config is given 2 times (run.yaml, "),
+        (["--dry-run", "--config"], "--config needs a YAML file of flags after it: --config "),
+        (["--dry-run", "--config="], "--config needs a YAML file of flags after it: --config "),
+        (["--dry-run", "--model"], "argument --model: expected one argument; see --help"),
+        (["--dry-run", "--mod", "x"], "--mod: write --model in full (vLLM's flags --model-impl"),
+    ]
+    for argv, said in cases:
+        result = run_cli(*argv, home=home, cwd=tmp_path)
+        error = one_error_line(result)
+        assert error.startswith(f"error: {said}"), (argv, error)
+        assert result.stderr == error + "\n", "said before vLLM (which logs) is imported"
+
+
+def test_config_with_an_equals_sign_is_read_as_vllm_reads_a_config_file():
+    """vLLM's parser reads `--config FILE` only; `--config=FILE` would be
+    taken for a shortening of --config-format."""
+    home = os.path.expanduser("~")
+    assert tool.split_config_value(["--config=~/run.yaml", "--seed=1"]) == [
+        "--config",
+        f"{home}/run.yaml",
+        "--seed=1",
+    ]
+    assert tool.split_config_value(["--config", "run.yaml"]) == ["--config", "run.yaml"]
 
 
 def test_a_model_directory_under_home_reaches_the_engine_expanded(tiny_model, monkeypatch):
@@ -166,18 +208,15 @@ def test_the_budget_is_the_engines_unless_one_is_given(tiny_model, tmp_path):
 def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
     tiny_model, clips, home, tmp_path
 ):
-    """--output-dir: the error record goes to errors/ID.json; --resume skips
-    it as it skips an error line of --output; --retry-errors asks again, and a
-    success removes the error file."""
+    """--output-dir: the error record goes to errors/ID.json; --resume writes
+    only the files that are missing and skips the error as it skips an error
+    line of --output; --retry-errors asks again, and a success removes the
+    error file."""
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF not audio")
     manifest = tmp_path / "jobs.jsonl"
-    manifest.write_text(
-        json.dumps({"id": "good", "audio": str(clips["a.wav"])})
-        + "\n"
-        + json.dumps({"id": "bad", "audio": str(broken)})
-        + "\n"
-    )
+    lines = [("good", clips["a.wav"]), ("talks/other", clips["c.flac"]), ("bad", broken)]
+    manifest.write_text("".join(json.dumps({"id": i, "audio": str(a)}) + "\n" for i, a in lines))
     out = tmp_path / "results"
 
     def run(*flags: str) -> subprocess.CompletedProcess:
@@ -188,6 +227,8 @@ def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
             manifest,
             "--output-dir",
             out,
+            "--temperature",
+            "0",
             "--max-tokens",
             "2",
             *flags,
@@ -201,16 +242,23 @@ def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
     assert first.returncode == 1, first.stderr[-3000:]
     error = json.loads((out / "errors/bad.json").read_text())
     assert error["id"] == "bad" and error["error"]["type"] == "audio_decode_error"
-    assert sorted(p.name for p in out.iterdir()) == ["errors", "good.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["errors", "good.json", "talks%2Fother.json"]
 
-    skipped = run("--resume")
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert "nothing to do: all 2 request(s)" in skipped.stderr
+    kept, lost = out / "talks%2Fother.json", out / "good.json"
+    before = kept.stat().st_mtime_ns
+    answer = json.loads(lost.read_text())["token_ids"]
+    lost.unlink()
+    resumed = run("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 ok, 0 failed, 2 skipped" in resumed.stderr  # the error is skipped too
+    assert kept.stat().st_mtime_ns == before
+    assert json.loads(lost.read_text())["token_ids"] == answer
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary left"
 
     soundfile.write(broken, tone(1, 16000), 16000, format="WAV")
     retried = run("--resume", "--retry-errors")
     assert retried.returncode == 0, retried.stderr[-3000:]
-    assert "1 ok, 0 failed, 1 skipped" in retried.stderr
+    assert "1 ok, 0 failed, 2 skipped" in retried.stderr
     assert json.loads((out / "bad.json").read_text())["answers"]
     assert not (out / "errors/bad.json").exists()
 

@@ -178,8 +178,9 @@ def test_dry_run_warns_when_the_7b_model_cannot_start(clips, home):
     assert "16.0 GiB x gpu_memory_utilization 0.8 = 12.80 GiB usable" in result.stdout
     assert "WILL NOT START" in result.stdout
     assert "warning: vLLM will refuse to start" in result.stderr
-    # Spelt as vLLM's parser also takes it, offline: the model not here is planned around too.
-    result = run_cli("--dry_run", *argv[1:-1], "64", home=home, env={"HF_HUB_OFFLINE": "1"})
+    # Spelt as vLLM's parser also takes it (`_`, shortened), offline: the model
+    # not here is planned around too.
+    result = run_cli("--dry_ru", *argv[1:-1], "64", home=home, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"warning: --model {tool.DEFAULT_MODEL}: not in the local" in result.stderr
     assert "fits, vLLM will start" in result.stdout
@@ -273,6 +274,27 @@ def test_a_missing_clip_is_said_before_vllm_only_where_the_result_is_the_same(ar
             tool.check_audio_files_early(argv)
     else:
         tool.check_audio_files_early(argv)
+
+
+def test_the_first_reading_of_argv_takes_shortenings_as_the_full_parser_does():
+    """The on/off flags read before vLLM's import are read shortened too
+    (`--dry` is a dry run there as in vLLM's parser): every flag read there
+    is one of the full parser's, and none of the full parser's is a
+    shortening of one of them (it would match exactly there, and be expanded
+    here). --model is read only in full: every shortening of it is ambiguous
+    among vLLM's flags, so it is refused at once."""
+    full = tool.build_parser()._option_string_actions
+    early = ("--model", "--dry-run", "--debug", "--help", "-h")
+    assert set(early) <= set(full)
+    assert [(flag, f) for flag in early for f in full if flag.startswith(f) and f != flag] == []
+    for shortened in ("--m", "--mo", "--mod", "--mode"):
+        assert len([f for f in full if f.startswith(shortened)]) >= 2, shortened
+        with pytest.raises(tool.ExplainedError, match=f"^{shortened}: write --model in full"):
+            tool.early_arguments([shortened, "m"])
+    known = tool.early_arguments(["--dry", "--model", "m", "--deb", "--hel"])
+    assert (known.dry_run, known.model, known.debug, known.help) == (True, "m", True, True)
+    with pytest.raises(tool.ExplainedError, match="^ambiguous option: --d could match"):
+        tool.early_arguments(["--d"])  # vLLM's parser: ambiguous too
 
 
 def test_help_on_one_group_of_flags_as_vllm_offers_it(home):

@@ -1,8 +1,8 @@
 """Subtitles and one file per request: srt/vtt/tsv cues follow the segments
 of long audio (split at pauses) or span a short clip, parse with real
 subtitle parsers and cover the audio without overlaps; --output-dir writes
-each request's file whole, named after its id, and --resume skips ids whose
-file exists."""
+each request's file whole, named after its id (its --resume:
+test_each_decision_once.py)."""
 
 from __future__ import annotations
 
@@ -110,23 +110,6 @@ def test_timestamps_follow_whisper_conventions():
     assert tool.render("srt", record) == "1\n00:00:00,000 --> 00:00:02,500\na\nb -> c\n\n"
     assert tool.render("vtt", record).startswith("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\n")
     assert tool.render("tsv", record) == "start\tend\ttext\n0\t2500\ta b --> c\n"
-
-
-@pytest.mark.engine
-def test_resume_writes_only_the_missing_files(tiny_model, recordings, home, tmp_path):
-    out = tmp_path / "results"
-    assert run_to_directory(tiny_model, recordings, out, home).returncode == 0
-    kept, lost = out / "talks%2Flong.wav.json", out / "short.json"
-    before = kept.stat().st_mtime_ns
-    record = json.loads(lost.read_text())
-    lost.unlink()
-
-    resumed = run_to_directory(tiny_model, recordings, out, home, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 ok, 0 failed, 1 skipped" in resumed.stderr
-    assert kept.stat().st_mtime_ns == before
-    assert json.loads(lost.read_text())["token_ids"] == record["token_ids"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary left"
 
 
 @given(st.lists(st.text(min_size=1, max_size=300), min_size=2, max_size=6, unique=True))
