@@ -140,11 +140,8 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     # As vLLM reads them: `--dry_run` is --dry-run, `--help=all` is --help.
     argv = ["--help" if arg.startswith("--help=") else as_vllm_reads(arg) for arg in argv]
     for name in (arg.partition("=")[0] for arg in argv):
-        if len(name) > 2 and "--model".startswith(name) and name != "--model":
-            raise ExplainedError(
-                f"{name}: write --model in full (vLLM's flags --model-impl and others "
-                "start the same way)"
-            )
+        if is_shortened_model(name):
+            raise ExplainedError(f"{name}: {MODEL_IN_FULL}")
     early = EarlyParser(add_help=False)
     early.add_argument("--model", default=DEFAULT_MODEL)
     early.add_argument("--dry-run", action="store_true")
@@ -155,11 +152,22 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     return early.parse_known_args([*config_file_flags(argv), *argv])[0]
 
 
+MODEL_IN_FULL = "write --model in full (vLLM's flags --model-impl and others start the same way)"
+
+
+def is_shortened_model(name: str) -> bool:
+    return len(name) > 2 and "--model".startswith(name) and name != "--model"
+
+
 class EarlyParser(argparse.ArgumentParser):
     """A mistake found in the first reading (a flag without its value, an
     ambiguous `--d`) is one line, not that partial parser's usage."""
 
     def error(self, message: str) -> NoReturn:
+        if message == "argument --model: expected one argument":
+            raise ExplainedError(f"--model needs a hub id or a directory: --model {DEFAULT_MODEL}")
+        if message.startswith("ambiguous option"):  # vLLM has more flags that match
+            raise ExplainedError(f"{message}, or more of vLLM's; write the flag in full")
         raise ExplainedError(f"{message}; see --help")
 
 
@@ -244,26 +252,13 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
 
 def config_file_flags(argv: Sequence[str]) -> list[str]:
     """The flags of the --config YAML file in argv, read as vLLM's parser
-    reads them: only the exact word --config counts, and a mapping's scalar
-    keys become flags (lists and mappings are left out: no early flag takes
-    one). What that parser would stop on with a traceback is said here, in
-    one line, before vLLM is imported."""
-    places = [index for index, arg in enumerate(argv) if arg == "--config"]
-    paths = [argv[index + 1] if index + 1 < len(argv) else "" for index in places]
-    if not paths:
+    reads them: a mapping's scalar keys become flags (lists and mappings are
+    left out: no early flag takes one). What that parser would stop on with a
+    traceback, or read otherwise than meant, is said here in one line, before
+    vLLM is imported."""
+    path = config_path(argv)
+    if path is None:
         return []
-    if len(paths) > 1:
-        raise ExplainedError(
-            f"--config is given {len(paths)} times ({', '.join(paths)}); vLLM reads one "
-            "file: put the flags in one YAML file, or give the others on the command line"
-        )
-    path = paths[0]
-    if not path:
-        raise ExplainedError("--config needs a YAML file of flags after it: --config run.yaml")
-    if path.split(".")[-1] not in ("yaml", "yml"):  # vLLM's own test of the name
-        raise ExplainedError(
-            f"--config {path}: vLLM reads only YAML files; give a file named *.yaml or *.yml"
-        )
     try:
         import yaml  # PyYAML: a dependency of vLLM
     except ImportError:
@@ -271,7 +266,7 @@ def config_file_flags(argv: Sequence[str]) -> list[str]:
     try:
         with open(path) as file:  # as vLLM opens it: no "~" expanded
             config = yaml.safe_load(file)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ExplainedError(
             f"--config {path}: cannot read it ({summary_of(exc)}); give a YAML file of flags"
         )
@@ -291,11 +286,42 @@ def config_file_flags(argv: Sequence[str]) -> list[str]:
                 f"--config {path}: {key} has no value; give it one, or remove the line"
             )
         flag = "--" + key.replace("_", "-")
+        if is_shortened_model(flag):
+            raise ExplainedError(f"--config {path}: {key}: {MODEL_IN_FULL}")
+        if str(value).startswith("-") and "." in str(value):
+            # vLLM's parser reads `-0.5` after the file's flag as a dotted option (-0.<5>).
+            raise ExplainedError(
+                f"--config {path}: {key}: {value}: vLLM's parser misreads a value that starts "
+                f"with '-' and holds a '.' in a config file; give it on the command line as "
+                f"{flag}={value}"
+            )
         if value is True:
             flags.append(flag)
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             flags += [flag, str(value)]
     return flags
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+    """The --config file vLLM's parser will read: only the exact word
+    --config counts there, once, with a YAML file's name after it."""
+    places = [index for index, arg in enumerate(argv) if arg == "--config"]
+    paths = [argv[index + 1] if index + 1 < len(argv) else "" for index in places]
+    if not paths:
+        return None
+    if len(paths) > 1:
+        raise ExplainedError(
+            f"--config is given {len(paths)} times ({', '.join(paths)}); vLLM reads one "
+            "file: put the flags in one YAML file, or give the others on the command line"
+        )
+    path = paths[0]
+    if not path:
+        raise ExplainedError("--config needs a YAML file of flags after it: --config run.yaml")
+    if path.split(".")[-1] not in ("yaml", "yml"):  # vLLM's own test of the name
+        raise ExplainedError(
+            f"--config {path}: vLLM reads only YAML files; give a file named *.yaml or *.yml"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------

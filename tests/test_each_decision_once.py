@@ -116,15 +116,19 @@ def test_max_model_len_auto_is_the_models_own_limit(tiny_model, clips, home):
 
 def test_a_config_file_vllm_would_stop_on_is_one_line_before_vllm_is_loaded(home, tmp_path):
     """vLLM's parser ends these with a traceback (an assert, a ValueError, an
-    AttributeError on an empty file, a TypeError on a key that is no name)
-    or passes "None" on; here each is one line naming the file and the fix,
-    said before vLLM is imported (which logs)."""
+    AttributeError on an empty file, a TypeError on a key that is no name, an
+    IndexError or a wrong value on a negative decimal), passes "None" on or
+    finds a shortened --model ambiguous; here each is one line naming the
+    file and the fix, said before vLLM is imported (which logs)."""
     (tmp_path / "run.json").write_text('{"max-num-seqs": 3}')
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "list.yaml").write_text("- max-num-seqs\n- 3\n")
     (tmp_path / "run.yaml").write_text("max-num-seqs: 3\n")
     (tmp_path / "on.yaml").write_text("on: true\n")  # YAML 1.1: the key is True
     (tmp_path / "none.yaml").write_text("model:\n")
+    (tmp_path / "mode.yaml").write_text("mode: /models/x\n")
+    (tmp_path / "latin1.yaml").write_bytes("question: caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "negative.yaml").write_text("logprob-threshold: -0.5\nmax-num-seqs: 3\n")
     cases = [
         (["--config", "no-such.yaml"], "--config no-such.yaml: cannot read it ("),
         (["--config", "run.json"], "--config run.json: vLLM reads only YAML files; give a file"),
@@ -135,8 +139,11 @@ def test_a_config_file_vllm_would_stop_on_is_one_line_before_vllm_is_loaded(home
         (["--config", "run.yaml", "--config=run.yaml"], "--config is given 2 times (run.yaml, "),
         (["--dry-run", "--config"], "--config needs a YAML file of flags after it: --config "),
         (["--dry-run", "--config="], "--config needs a YAML file of flags after it: --config "),
-        (["--dry-run", "--model"], "argument --model: expected one argument; see --help"),
+        (["--dry-run", "--model"], "--model needs a hub id or a directory: --model Qwen/"),
         (["--dry-run", "--mod", "x"], "--mod: write --model in full (vLLM's flags --model-impl"),
+        (["--config", "mode.yaml"], "--config mode.yaml: mode: write --model in full (vLLM's"),
+        (["--config", "latin1.yaml"], "--config latin1.yaml: cannot read it ("),
+        (["--config", "negative.yaml"], "--config negative.yaml: logprob-threshold: -0.5: vLLM"),
     ]
     for argv, said in cases:
         result = run_cli(*argv, home=home, cwd=tmp_path)
@@ -230,7 +237,7 @@ def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
             "--temperature",
             "0",
             "--max-tokens",
-            "2",
+            "4",
             *flags,
             *CPU_ENGINE_FLAGS,
             *ASK_ONCE,
@@ -254,6 +261,9 @@ def test_a_failed_request_is_recorded_and_resumed_alike_in_every_output_mode(
     assert kept.stat().st_mtime_ns == before
     assert json.loads(lost.read_text())["token_ids"] == answer
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary left"
+    skipped = run("--resume")  # the error file counts as done: no engine starts
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "nothing to do: all 3 request(s)" in skipped.stderr
 
     soundfile.write(broken, tone(1, 16000), 16000, format="WAV")
     retried = run("--resume", "--retry-errors")
