@@ -148,8 +148,14 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     early.add_argument("--debug", action="store_true")
     early.add_argument("-h", "--help", action="store_true")
     # vLLM's parser reads a --config file's keys as flags placed before the
-    # command line's (which win); the model in it must count now too.
-    return early.parse_known_args([*config_file_flags(argv), *argv])[0]
+    # command line's (which win); the model in it must count now too. Read
+    # alone first, so that a mistake in the file (`d: true`) names the file.
+    file_flags = config_file_flags(argv)
+    try:
+        early.parse_known_args(file_flags)
+    except ExplainedError as exc:
+        raise ExplainedError(f"--config {config_path(argv)}: {exc}") from None
+    return early.parse_known_args([*file_flags, *argv])[0]
 
 
 MODEL_IN_FULL = "write --model in full (vLLM's flags --model-impl and others start the same way)"

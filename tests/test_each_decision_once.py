@@ -129,6 +129,7 @@ def test_a_config_file_vllm_would_stop_on_is_one_line_before_vllm_is_loaded(home
     (tmp_path / "mode.yaml").write_text("mode: /models/x\n")
     (tmp_path / "latin1.yaml").write_bytes("question: caf\u00e9\n".encode("latin-1"))
     (tmp_path / "negative.yaml").write_text("logprob-threshold: -0.5\nmax-num-seqs: 3\n")
+    (tmp_path / "d.yaml").write_text("d: true\n")  # --dry-run or --debug, or more
     cases = [
         (["--config", "no-such.yaml"], "--config no-such.yaml: cannot read it ("),
         (["--config", "run.json"], "--config run.json: vLLM reads only YAML files; give a file"),
@@ -144,6 +145,7 @@ def test_a_config_file_vllm_would_stop_on_is_one_line_before_vllm_is_loaded(home
         (["--config", "mode.yaml"], "--config mode.yaml: mode: write --model in full (vLLM's"),
         (["--config", "latin1.yaml"], "--config latin1.yaml: cannot read it ("),
         (["--config", "negative.yaml"], "--config negative.yaml: logprob-threshold: -0.5: vLLM"),
+        (["--config", "d.yaml"], "--config d.yaml: ambiguous option: --d could match --dry-run"),
     ]
     for argv, said in cases:
         result = run_cli(*argv, home=home, cwd=tmp_path)
