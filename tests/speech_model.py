@@ -20,20 +20,22 @@ WER measured in transformers).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import build_cache
 import numpy as np
 from tiny_model import SPECIAL_TOKENS, save_published_weights  # shared with the random model
 
@@ -177,27 +179,95 @@ FRAME_MARGIN = 8
 AUDIO_INIT_STD = 0.2  # the audio path's weights at initialisation (see build_model)
 BATCHES_PER_POOL = 16  # examples drawn at once, then cut into length-sorted batches
 LOG_EVERY = 250  # steps
-T = TypeVar("T")  # a training example
 
 
 # --------------------------------------------------------------------------
-# Cache: one build per version of this file (tests/build_cache.py)
+# Cache: one build per version of this file
 # --------------------------------------------------------------------------
 
-NAME = "speech-model"
-# Read once, so that an edit of the file during a 20-minute build cannot
-# label the build with the new version.
-VERSION = build_cache.source_hash(Path(__file__))
+
+def cache_root() -> Path:
+    """Where the project's test caches live (as tests/run.sh computes it)."""
+    if os.environ.get("RQA_CACHE"):
+        return Path(os.environ["RQA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "run_qwen2_audio"
+
+
+def source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+# The version of the code this process runs: read once, so that an edit of the
+# file during a 20-minute build cannot label the build with the new version.
+VERSION = source_hash()
 
 
 def cached_build() -> Path:
     """The cached checkpoint of this builder's version, built first if missing."""
-    return build_cache.cached_build(NAME, VERSION, build)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"speech-model-{VERSION}"
+    with open(root / f"{final.name}.lock", "w") as lock:
+        # One build at a time: a second caller (a parallel test worker) waits
+        # here, then finds the finished build instead of starting its own.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(final):
+            return final
+        for leftover in root.glob(f"{final.name}.tmp-*"):  # from a killed build
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=root))
+        try:
+            build(staging)
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete copy, if any
+            staging.rename(final)  # atomic: readers see all of it or nothing
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def is_complete(directory: Path) -> bool:
+    card = directory / "card.json"
+    return card.is_file() and json.loads(card.read_text()).get("builder_hash") == VERSION
+
+
+def remove_other_versions(root: Path, version: str) -> None:
+    """Builds of other versions of this file, unless one is in use (a build
+    or a copy holds its lock): a checkout of another version may still need it.
+    Lock files stay (empty): one unlinked while another process waits on it
+    would let a third create a new one and hold "the" lock beside it."""
+    for lock_path in root.glob("speech-model-*.lock"):
+        name = lock_path.name.removesuffix(".lock")
+        if name == f"speech-model-{version}":
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            for path in [root / name, *root.glob(f"{name}.tmp-*")]:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def install(directory: Path) -> Path:
-    """Put the checkpoint into directory (a copy of the cached build)."""
-    return build_cache.install(directory, NAME, VERSION, build, log)
+    """Put the checkpoint into directory (a copy of the cached build), then
+    remove other versions' builds nobody uses."""
+    started = time.monotonic()
+    for _ in range(3):
+        source = cached_build()
+        with open(source.parent / f"{source.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # no other version's build removes it meanwhile
+            # Between the build's lock and this one, another version's
+            # cleanup may have found it unused and removed it: build again.
+            if is_complete(source):
+                directory.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(source, directory, dirs_exist_ok=True)
+                break
+    else:
+        raise RuntimeError(f"{source}: removed three times before it could be copied")
+    remove_other_versions(source.parent, VERSION)
+    log(f"{directory}: checkpoint from {source} ({time.monotonic() - started:.1f} s)")
+    return directory
 
 
 def log(message: str) -> None:
@@ -664,32 +734,21 @@ def check_training_loss(model, processor, examples: list[Example]) -> float:
 
 
 def length_sorted_batches(
-    draw: Callable[[], T], length: Callable[[T], int], rng: random.Random, batch_size: int
-) -> Iterator[list[T]]:
-    """Endless random batches of examples of similar length (draw() gives one):
-    a batch is padded to its longest clip and prompt, so mixing 1 s and 12 s
-    clips would waste most of a step."""
+    sentences: dict[str, list[Sentence]], lesson: str, rng: random.Random, batch_size: int
+) -> Iterator[list[Example]]:
+    """Endless random batches of similar length: a batch is padded to its longest
+    clip and prompt, so mixing 1 s and 12 s clips would waste most of a step."""
     while True:
-        pool = [draw() for _ in range(batch_size * BATCHES_PER_POOL)]
-        pool.sort(key=length)
+        size = batch_size * BATCHES_PER_POOL
+        pool = [random_example(sentences, lesson, rng) for _ in range(size)]
+        pool.sort(key=lambda example: sum(len(clip) for clip in example.clips))
         groups = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
         rng.shuffle(groups)
         yield from groups
 
 
-def train_lessons(
-    model,
-    recipe: Recipe,
-    batches: Callable[[str, random.Random], Iterator[Any]],
-    loss_of: Callable[[Any], Any],
-    frozen_for_mix: list[Any],
-    log: Callable[[str], None],
-) -> list[float]:
-    """AdamW, warm-up then cosine decay, through the recipe's lessons in order:
-    batches(lesson, rng) gives a lesson's batches, loss_of(batch) a step's loss.
-    The modules of frozen_for_mix stop learning when the mix lesson begins:
-    what they learnt on single sentences serves, and their backward is a large
-    part of a step. Both speech builders train with it."""
+def train(model, processor, sentences: dict[str, list[Sentence]], recipe: Recipe) -> list[float]:
+    """AdamW, warm-up then cosine decay, through the recipe's lessons in order."""
     import torch
 
     rng = random.Random(recipe.seed)
@@ -704,12 +763,12 @@ def train_lessons(
     losses: list[float] = []
     started = time.monotonic()
     for lesson, steps in recipe.lessons:
-        if lesson == "mix":
-            for module in frozen_for_mix:
-                module.requires_grad_(False)
-        lesson_batches = batches(lesson, rng)
+        batches = length_sorted_batches(sentences, lesson, rng, recipe.batch_size)
         for _ in range(steps):
-            loss = loss_of(next(lesson_batches))
+            examples = next(batches)
+            batch = make_batch(examples, processor.tokenizer, processor.feature_extractor)
+            audio, token_counts = audio_embeddings(model, batch["features"], batch["frames"])
+            loss = answer_loss(model, batch, audio, token_counts)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -723,28 +782,6 @@ def train_lessons(
                 log(f"{step}: loss {mean:.3f}, {elapsed:.0f} s")
     model.eval()
     return losses
-
-
-def train(model, processor, sentences: dict[str, list[Sentence]], recipe: Recipe) -> list[float]:
-    """The recipe's lessons, every weight learning throughout. With the audio
-    encoder frozen in the mix lesson, a mixed step costs less, but held-out
-    WER was 5.92% against 1.88% (docs/testing.md, Timings)."""
-
-    def batches(lesson: str, rng: random.Random) -> Iterator[dict[str, Any]]:
-        def draw() -> Example:
-            return random_example(sentences, lesson, rng)
-
-        def length(example: Example) -> int:
-            return sum(len(clip) for clip in example.clips)
-
-        for examples in length_sorted_batches(draw, length, rng, recipe.batch_size):
-            yield make_batch(examples, processor.tokenizer, processor.feature_extractor)
-
-    def loss_of(batch: dict[str, Any]):
-        audio, token_counts = audio_embeddings(model, batch["features"], batch["frames"])
-        return answer_loss(model, batch, audio, token_counts)
-
-    return train_lessons(model, recipe, batches, loss_of, [], log)
 
 
 # --------------------------------------------------------------------------
@@ -941,7 +978,7 @@ if __name__ == "__main__":
         sys.exit("usage: speech_model.py DIR (or --cached: build into the cache only)")
     if sys.argv[1] == "--cached":
         built = cached_build()
-        build_cache.remove_other_versions(built.parent, NAME, VERSION)
+        remove_other_versions(built.parent, VERSION)
         log(f"checkpoint in {built}")
     else:
         install(Path(sys.argv[1]))

@@ -1,5 +1,5 @@
-"""The trained models' caches (tests/build_cache.py, for tests/speech_model.py
-and tests/speech_model_qwen3_asr.py): one build per version of a builder,
+"""The trained models' caches (tests/speech_model.py, and tests/build_cache.py
+for tests/speech_model_qwen3_asr.py): one build per version of a builder,
 shared by checkouts of several versions and parallel workers. The build
 itself is replaced by one that writes a card: what is tested here is who may
 remove what, and when."""
@@ -16,7 +16,7 @@ import speech_model
 import speech_model_qwen3_asr
 
 # Each builder and the name its builds carry in the cache.
-BUILDERS = {module.NAME: module for module in (speech_model, speech_model_qwen3_asr)}
+BUILDERS = {"speech-model": speech_model, speech_model_qwen3_asr.NAME: speech_model_qwen3_asr}
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def cache(tmp_path, monkeypatch, builds) -> Path:
     return root
 
 
-def other_version(root: Path, name: str) -> Path:
+def other_version(root: Path, name: str = "speech-model") -> Path:
     build = root / f"{name}-000000000000"
     build.mkdir()
     (build / "card.json").write_text(json.dumps({"builder_hash": "000000000000"}))
@@ -83,9 +83,14 @@ def test_one_builders_cleanup_never_removes_the_others_builds(cache, tmp_path):
     first = speech_model.install(tmp_path / "first")
     second = speech_model_qwen3_asr.install(tmp_path / "second")
     speech_model.install(tmp_path / "first-again")
-    assert (cache / f"{speech_model.NAME}-{speech_model.VERSION}").is_dir()
+    assert (cache / f"speech-model-{speech_model.VERSION}").is_dir()
     assert (cache / f"{speech_model_qwen3_asr.NAME}-{speech_model_qwen3_asr.VERSION}").is_dir()
     assert (first / "card.json").is_file() and (second / "card.json").is_file()
+
+
+def cached_build_of(module):
+    """Where the builder's install looks its build up: the one to stand in for."""
+    return (module, "cached_build") if module is speech_model else (build_cache, "cached_build")
 
 
 def test_install_builds_again_when_the_build_vanished_before_its_copy(
@@ -94,7 +99,8 @@ def test_install_builds_again_when_the_build_vanished_before_its_copy(
     """Another version's build may remove this one between the build's lock
     and the copy's: install notices and builds it again."""
     _, module = builder
-    real_cached_build = build_cache.cached_build
+    owner, name = cached_build_of(module)
+    real_cached_build = getattr(owner, name)
     calls = []
 
     def cached_build_then_removed(*args) -> Path:
@@ -104,7 +110,7 @@ def test_install_builds_again_when_the_build_vanished_before_its_copy(
             (built / "card.json").unlink()
         return built
 
-    monkeypatch.setattr(build_cache, "cached_build", cached_build_then_removed)
+    monkeypatch.setattr(owner, name, cached_build_then_removed)
     target = module.install(tmp_path / "copy")
     assert len(calls) == 2 and len(builds) == 2
     assert json.loads((target / "card.json").read_text())["builder_hash"] == module.VERSION
@@ -114,14 +120,15 @@ def test_install_gives_up_with_a_message_when_the_build_keeps_vanishing(
     cache, builder, builds, tmp_path, monkeypatch
 ):
     _, module = builder
-    real_cached_build = build_cache.cached_build
+    owner, name = cached_build_of(module)
+    real_cached_build = getattr(owner, name)
 
     def always_removed(*args) -> Path:
         built = real_cached_build(*args)
         (built / "card.json").unlink()
         return built
 
-    monkeypatch.setattr(build_cache, "cached_build", always_removed)
+    monkeypatch.setattr(owner, name, always_removed)
     with pytest.raises(RuntimeError, match="removed three times"):
         module.install(tmp_path / "copy")
     assert len(builds) == 3
