@@ -82,7 +82,8 @@ def demo_assets_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def home(tmp_path) -> Path:
-    """A user's home directory: empty, so every cache in it is cold."""
+    """A user's home directory: empty, so every cache in it is cold (vLLM's
+    own cache is kept outside it, as after a first run: helpers.user_env)."""
     path = tmp_path / "home"
     path.mkdir()
     return path

@@ -6,6 +6,7 @@ version under test."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import io
 import json
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -81,14 +83,36 @@ def vllm_python(version: str) -> str:
     return python
 
 
-def user_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+def user_env(
+    home: Path, extra: dict[str, str] | None = None, python: str = sys.executable
+) -> dict[str, str]:
     """A user's environment: their own (empty) HOME, so no hub, ModelScope or
-    vLLM asset cache unless a test puts one there, and nothing else set."""
+    vLLM asset cache unless a test puts one there, and nothing else set but
+    vLLM's own cache, as a user has it after their first run (see
+    vllm_cache_root; first_vllm_run puts it back in HOME)."""
     env = {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(HOME=str(home), **CPU_MACHINE_ENV)
+    env.update(HOME=str(home), VLLM_CACHE_ROOT=str(vllm_cache_root(python)), **CPU_MACHINE_ENV)
     env.update(extra or {})
     return env
+
+
+def vllm_cache_root(python: str) -> Path:
+    """One VLLM_CACHE_ROOT for every run of the suite on one interpreter.
+    There vLLM keeps what it learnt of a model class the first time it met
+    it (modelinfos/); without it, it learns it again in a subprocess that
+    imports vLLM once more: 8 s of each engine start on two cores, a third
+    of a small run. Each vLLM version its own: their entries share a name and
+    would replace each other. vLLM checks an entry against its module's
+    source, so one kept from an earlier run is as good as a new one."""
+    digest = hashlib.sha256(python.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "run_qwen2_audio-tests" / f"vllm-cache-{digest}"
+
+
+def first_vllm_run(home: Path) -> dict[str, str]:
+    """vLLM's cache where a user has it before their first run: in their
+    (empty) HOME, so that the run learns the model class as theirs does."""
+    return {"VLLM_CACHE_ROOT": str(home / ".cache/vllm")}
 
 
 def run_cli(
@@ -103,7 +127,7 @@ def run_cli(
     home.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [python, str(SCRIPT), *map(str, args)],
-        env=user_env(home, env),
+        env=user_env(home, env, python),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -319,7 +343,7 @@ def start(
     engine logs a line per request, and a full pipe nobody reads stops it."""
     return subprocess.Popen(
         argv,
-        env=user_env(home, layout),
+        env=user_env(home, layout, argv[0]),  # argv[0]: the vLLM version's python
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

@@ -37,6 +37,7 @@ from helpers import (
     VLLM_PYTHONS,
     cache_in_hugging_face_hub,
     cache_in_modelscope,
+    first_vllm_run,
     run_cli,
     vllm_python,
     write_demo_assets,
@@ -163,6 +164,7 @@ def test_cell(version, offline, hub, model, assets, tiny_model, home, black_hole
         "HF_ENDPOINT": f"http://127.0.0.1:{black_hole.port}",
         "MODELSCOPE_DOMAIN": f"127.0.0.1:{black_hole.port}",
         **IN_PROCESS_ENGINE,
+        **first_vllm_run(home),  # each cell a new user's first run
     }
     connections_before = black_hole.connections
     result = run_cli(

@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
-from helpers import ASK_ONCE, CPU_ENGINE_FLAGS, IN_PROCESS_ENGINE, load_json_output, run_cli
+from helpers import (
+    ASK_ONCE,
+    CPU_ENGINE_FLAGS,
+    IN_PROCESS_ENGINE,
+    first_vllm_run,
+    load_json_output,
+    run_cli,
+)
 from reference import transformers_greedy_ids
 from transformers import AutoTokenizer
 
@@ -108,17 +115,18 @@ def test_one_demo_clip_matches_transformers(real_vocabulary_model, demo_assets_c
 def test_tutorial_defaults_print_only_the_answer(
     real_vocabulary_model, demo_assets_cache, home, vllm
 ):
-    """No flags but the model: two demo clips, tutorial sampling, text on
-    stdout and every log line on stderr, with vLLM's engine core in its own
-    process as users run it. The answer guard is on, as users get it (over
-    the real vocabulary these random weights answer confidently enough that
-    it may not ask again): stdout holds the kept answer alone."""
+    """No flags but the model, a user's first run (vLLM's cache empty): two
+    demo clips, tutorial sampling, text on stdout and every log line on
+    stderr, with vLLM's engine core in its own process as users run it. The
+    answer guard is on, as users get it (over the real vocabulary these random
+    weights answer confidently enough that it may not ask again): stdout holds
+    the kept answer alone."""
     result = run_cli(
         "--model",
         real_vocabulary_model,
         *CPU_ENGINE_FLAGS,
         home=home,
-        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache)},
+        env={"VLLM_ASSETS_CACHE": str(demo_assets_cache), **first_vllm_run(home)},
         python=vllm,
     )
     assert result.returncode == 0, result.stderr[-3000:]

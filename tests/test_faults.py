@@ -95,7 +95,11 @@ def batch_argv(
 def finish(argv: list[str], home: Path) -> subprocess.CompletedProcess:
     """The same command run to its end, as a user reruns it."""
     return subprocess.run(
-        argv, env=user_env(home, IN_PROCESS_ENGINE), cwd=ROOT, capture_output=True, timeout=600
+        argv,
+        env=user_env(home, IN_PROCESS_ENGINE, argv[0]),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
     )
 
 
