@@ -97,16 +97,20 @@ def user_env(
     return env
 
 
-def vllm_cache_root(python: str) -> Path:
-    """One VLLM_CACHE_ROOT for every run of the suite on one interpreter.
+def vllm_cache_root(python: str | Path) -> Path:
+    """One VLLM_CACHE_ROOT for every run of the suite on one interpreter,
+    kept in $TMPDIR from run to run (remove it for a first run everywhere).
     There vLLM keeps what it learnt of a model class the first time it met
     it (modelinfos/); without it, it learns it again in a subprocess that
-    imports vLLM once more: 8 s of each engine start on two cores, a third
-    of a small run. Each vLLM version its own: their entries share a name and
-    would replace each other. vLLM checks an entry against its module's
-    source, so one kept from an earlier run is as good as a new one."""
-    digest = hashlib.sha256(python.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "run_qwen2_audio-tests" / f"vllm-cache-{digest}"
+    imports vLLM once more: 8 s of each engine start on two cores, a quarter
+    of a small run. Each interpreter its own: the two vLLM versions' entries
+    share a name and would replace each other. vLLM checks an entry against
+    its module's source, so one kept from an earlier run is as good as a new
+    one. Each user their own, which no other user can write to."""
+    users = Path(tempfile.gettempdir()) / f"run_qwen2_audio-tests-{os.getuid()}"
+    users.mkdir(mode=0o700, exist_ok=True)
+    digest = hashlib.sha256(str(python).encode()).hexdigest()[:12]
+    return users / f"vllm-cache-{digest}"
 
 
 def first_vllm_run(home: Path) -> dict[str, str]:
@@ -335,15 +339,20 @@ class HeldAudioServer:
 
 
 def start(
-    argv: list[str], home: Path, layout: dict[str, str] = IN_PROCESS_ENGINE, stderr=subprocess.PIPE
+    argv: list[str],
+    home: Path,
+    layout: dict[str, str] = IN_PROCESS_ENGINE,
+    stderr=subprocess.PIPE,
+    python: str | None = None,
 ) -> subprocess.Popen:
     """The run in a session of its own: the test can signal the whole process
     group, as a terminal's Ctrl-C or a scheduler does, and find any process
     left behind. A long run's stderr goes to a file (stderr=): vLLM's CPU
-    engine logs a line per request, and a full pipe nobody reads stops it."""
+    engine logs a line per request, and a full pipe nobody reads stops it.
+    python: the interpreter argv runs, where argv[0] is not it."""
     return subprocess.Popen(
         argv,
-        env=user_env(home, layout, argv[0]),  # argv[0]: the vLLM version's python
+        env=user_env(home, layout, python or argv[0]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

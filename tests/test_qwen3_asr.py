@@ -20,6 +20,7 @@ from helpers import (
     IN_PROCESS_ENGINE,
     QWEN3_ASR_CPU_ENV,
     chirp,
+    first_vllm_run,
     read_jsonl,
     run_cli,
     tracebacks_of_ours,
@@ -89,7 +90,13 @@ def run(model, folder, home, vllm, *flags):
         *ASK_ONCE,
         *flags,
         home=home,
-        env={**IN_PROCESS_ENGINE, **QWEN3_ASR_CPU_ENV, "HF_HUB_OFFLINE": "1"},
+        # A user's first run (the only Qwen3-ASR one): vLLM learns the model class.
+        env={
+            **IN_PROCESS_ENGINE,
+            **QWEN3_ASR_CPU_ENV,
+            "HF_HUB_OFFLINE": "1",
+            **first_vllm_run(home),
+        },
         python=vllm,
     )
 
