@@ -151,10 +151,12 @@ def early_arguments(argv: Sequence[str]) -> argparse.Namespace:
     # command line's (which win); the model in it must count now too. Read
     # alone first, so that a mistake in the file (`d: true`) names the file.
     file_flags = config_file_flags(argv)
+    early.spelling = "key"
     try:
         early.parse_known_args(file_flags)
     except ExplainedError as exc:
         raise ExplainedError(f"--config {config_path(argv)}: {exc}") from None
+    early.spelling = "flag"
     return early.parse_known_args([*file_flags, *argv])[0]
 
 
@@ -169,11 +171,13 @@ class EarlyParser(argparse.ArgumentParser):
     """A mistake found in the first reading (a flag without its value, an
     ambiguous `--d`) is one line, not that partial parser's usage."""
 
+    spelling = "flag"  # "key" while it reads a --config file's keys
+
     def error(self, message: str) -> NoReturn:
         if message == "argument --model: expected one argument":
             raise ExplainedError(f"--model needs a hub id or a directory: --model {DEFAULT_MODEL}")
         if message.startswith("ambiguous option"):  # vLLM has more flags that match
-            raise ExplainedError(f"{message}, or more of vLLM's; write the flag in full")
+            raise ExplainedError(f"{message}, or more of vLLM's; write the {self.spelling} in full")
         raise ExplainedError(f"{message}; see --help")
 
 
