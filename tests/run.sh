@@ -128,7 +128,7 @@ if [ "$failed" = 1 ]; then
 fi
 
 # The speech-trained tiny models of the hearing tests, Qwen2-Audio then
-# Qwen3-ASR: each built once per version of its builder (about 26-30 and 18-22
+# Qwen3-ASR: each built once per version of its builder (about 25-30 and 18-22
 # minutes on two cores), cached beside the venvs. Cold builds run beside the
 # image builds, one after the other, and pytest starts when both are done:
 # beside busy processes their two torch threads spin-wait (a step of 0.35 s
