@@ -343,16 +343,15 @@ def start(
     home: Path,
     layout: dict[str, str] = IN_PROCESS_ENGINE,
     stderr=subprocess.PIPE,
-    python: str | None = None,
 ) -> subprocess.Popen:
     """The run in a session of its own: the test can signal the whole process
     group, as a terminal's Ctrl-C or a scheduler does, and find any process
     left behind. A long run's stderr goes to a file (stderr=): vLLM's CPU
     engine logs a line per request, and a full pipe nobody reads stops it.
-    python: the interpreter argv runs, where argv[0] is not it."""
+    argv[0] is the interpreter (each vLLM version has its own cache)."""
     return subprocess.Popen(
         argv,
-        env=user_env(home, layout, python or argv[0]),
+        env=user_env(home, layout, argv[0]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
